@@ -1,0 +1,222 @@
+"""The anchor transformer and the anchor + memory language model.
+
+Architecture choices (OpenLM, as used by the paper; paper-notes §4):
+- pre-norm residual blocks: x + Attn(LN(x)), then x + FFN(LN(x)), and a final LN;
+- LayerNorm with a gain only (no bias), and no bias in any linear layer;
+- SwiGLU FFN: W3 [silu(W1 x) * (W2 x)], W1 = gate, W2 = up (fused into one matmul), W3 = down;
+- attention width n_heads * head_dim is independent of d_model (the 160M has 12 x 32 = 384 < 512);
+- QK-norm: a gain-only LayerNorm over the full query and key vectors (n_heads * head_dim wide);
+- rotary position embeddings on queries and keys, base 100,000 by default;
+- causal attention restricted to each document of a packed sequence (segment ids), through
+  `scaled_dot_product_attention`; padding has segment id -1;
+- optional tied input/output embeddings.
+
+Memories (see `hiermem.memory`) enter per layer: FFN-memories add hidden units to the SwiGLU, LoRA
+memories add low-rank deltas to projections, KV-memories add attention over learned key/values.
+
+Accounting (parameters by group, FLOPs per token, bytes fetched) lives in `hiermem.accounting` and is
+exposed here as methods; `num_params()` counts real tensors and the tests assert both agree.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hiermem.config import MemoryConfig, ModelConfig
+from hiermem.memory import ActiveRows, FetchedMemory, MemoryBank, ffn_memory, kv_memory_attention, lora_delta
+
+
+def _layer_norm(dim: int, eps: float) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=eps, elementwise_affine=True, bias=False)
+
+
+class Rotary(nn.Module):
+    """Rotary embeddings (rotate-half convention), cos/sin cached up to `max_seq_len`."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, h, T, dh)
+        t = x.shape[2]
+        if t > self.cos.shape[0]:
+            raise ValueError(f"sequence length {t} exceeds the model's max_seq_len {self.cos.shape[0]}")
+        cos, sin = self.cos[:t].to(x.dtype), self.sin[:t].to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.d_model, 3 * cfg.attn_dim, bias=False)
+        self.wo = nn.Linear(cfg.attn_dim, cfg.d_model, bias=False)
+        self.q_norm = _layer_norm(cfg.attn_dim, cfg.norm_eps)
+        self.k_norm = _layer_norm(cfg.attn_dim, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, rotary: Rotary, attn_mask: torch.Tensor | None,
+                mem: dict[str, torch.Tensor] | None, fetched: FetchedMemory | None) -> torch.Tensor:
+        batch, t, _ = x.shape
+        q, k, v = self.wqkv(x).chunk(3, dim=-1)
+        if mem is not None:
+            alpha = fetched.lora_alpha
+            if "q_a" in mem:
+                q = q + lora_delta(x, mem["q_a"], mem["q_b"], alpha)
+                k = k + lora_delta(x, mem["k_a"], mem["k_b"], alpha)
+            if "v_a" in mem:
+                v = v + lora_delta(x, mem["v_a"], mem["v_b"], alpha)
+        q, k = self.q_norm(q), self.k_norm(k)
+        shape = (batch, t, self.n_heads, self.head_dim)
+        q, k, v = (z.view(shape).transpose(1, 2) for z in (q, k, v))
+        q_rot, k_rot = rotary(q), rotary(k)
+        if attn_mask is None:
+            out = F.scaled_dot_product_attention(q_rot, k_rot, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q_rot, k_rot, v, attn_mask=attn_mask)
+        if mem is not None and "key" in mem:
+            # memory keys carry no position, so the queries meet them without rotation
+            out = out + kv_memory_attention(q, mem, fetched.unit_mask, self.n_heads, self.head_dim)
+        out = out.transpose(1, 2).reshape(batch, t, -1)
+        y = self.wo(out)
+        if mem is not None and "o_a" in mem:
+            y = y + lora_delta(out, mem["o_a"], mem["o_b"], fetched.lora_alpha)
+        return y
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ffn_dim = cfg.ffn_dim
+        self.w12 = nn.Linear(cfg.d_model, 2 * cfg.ffn_dim, bias=False)  # [gate (W1); up (W2)]
+        self.w3 = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)       # down
+
+    def forward(self, x: torch.Tensor, mem: dict[str, torch.Tensor] | None, alpha: float = 0.0) -> torch.Tensor:
+        if mem is not None and "gate_a" in mem:
+            gate_up = self.w12(x) + torch.cat([lora_delta(x, mem["gate_a"], mem["gate_b"], alpha),
+                                                lora_delta(x, mem["up_a"], mem["up_b"], alpha)], dim=-1)
+            gate, up = gate_up.split(self.ffn_dim, dim=-1)
+            hidden = F.silu(gate) * up
+            return self.w3(hidden) + lora_delta(hidden, mem["down_a"], mem["down_b"], alpha)
+        gate, up = self.w12(x).split(self.ffn_dim, dim=-1)
+        y = self.w3(F.silu(gate) * up)
+        if mem is not None and "gate" in mem:
+            y = y + ffn_memory(x, mem)
+        return y
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = _layer_norm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = _layer_norm(cfg.d_model, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg)
+
+    def forward(self, x, rotary, attn_mask, mem, fetched):
+        x = x + self.attn(self.attn_norm(x), rotary, attn_mask, mem, fetched)
+        alpha = fetched.lora_alpha if fetched is not None else 0.0
+        return x + self.ffn(self.ffn_norm(x), mem, alpha)
+
+
+def document_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) segment ids -> (B, 1, T, T) bool mask: causal and within the same document."""
+    t = segment_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & causal)[:, None]
+
+
+class Transformer(nn.Module):
+    """The anchor: embeddings, blocks, final norm and output head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = _layer_norm(cfg.d_model, cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)  # LayerNorm gains
+            else:
+                nn.init.trunc_normal_(p, std=std, a=-3 * std, b=3 * std)
+        # scale residual-branch outputs by depth so deeper models start stable (GPT-2 convention)
+        for block in self.blocks:
+            block.attn.wo.weight.mul_((2 * self.cfg.n_layers) ** -0.5)
+            block.ffn.w3.weight.mul_((2 * self.cfg.n_layers) ** -0.5)
+
+    def forward(self, tokens: torch.Tensor, segment_ids: torch.Tensor | None = None,
+                memory: FetchedMemory | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab). segment_ids (B, T): documents in a packed row."""
+        attn_mask = None if segment_ids is None else document_attention_mask(segment_ids)
+        x = self.embed(tokens)
+        for i, block in enumerate(self.blocks):
+            mem = memory.for_layer(i) if memory is not None else None
+            x = block(x, self.rotary, attn_mask, mem, memory)
+        x = self.norm(x)
+        weight = self.embed.weight if self.head is None else self.head.weight
+        return F.linear(x, weight)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class HierMemLM(nn.Module):
+    """Anchor transformer plus an optional hierarchical memory bank.
+
+    forward(tokens, segment_ids, paths, use_generic, blocked) — without paths (or without a bank) it
+    is the plain anchor.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, memory_cfg: MemoryConfig | None = None):
+        super().__init__()
+        self.model_cfg, self.memory_cfg = model_cfg, memory_cfg
+        self.anchor = Transformer(model_cfg)
+        self.bank = MemoryBank(model_cfg, memory_cfg) if memory_cfg is not None and memory_cfg.enabled else None
+
+    def fetch(self, paths: torch.Tensor | None, use_generic: torch.Tensor | None = None,
+              blocked: torch.Tensor | None = None, active: dict[int, ActiveRows] | None = None,
+              ) -> FetchedMemory | None:
+        if self.bank is None:
+            return None
+        if paths is None:
+            if use_generic is None or not bool(use_generic.all()):
+                return None
+            paths = torch.zeros(use_generic.shape[0], self.bank.cfg.depth, dtype=torch.long,
+                                device=use_generic.device)
+        return self.bank.fetch(paths, use_generic=use_generic, blocked=blocked, active=active)
+
+    def forward(self, tokens: torch.Tensor, segment_ids: torch.Tensor | None = None,
+                paths: torch.Tensor | None = None, use_generic: torch.Tensor | None = None,
+                blocked: torch.Tensor | None = None, active: dict[int, ActiveRows] | None = None) -> torch.Tensor:
+        memory = self.fetch(paths, use_generic, blocked, active)
+        return self.anchor(tokens, segment_ids, memory)
+
+    # accounting, nanochat-style: methods on the model, computed from the configs
+    def accounting(self, seq_len: int | None = None):
+        from hiermem.accounting import count
+        return count(self.model_cfg, self.memory_cfg, seq_len=seq_len or self.model_cfg.max_seq_len)
+
+    def num_params(self) -> dict[str, int]:
+        """Real tensor sizes: anchor (embeddings + the rest), bank per level and generic."""
+        out = {"anchor": self.anchor.num_params(),
+               "embedding": self.anchor.embed.weight.numel() + (self.anchor.head.weight.numel()
+                                                                 if self.anchor.head is not None else 0)}
+        if self.bank is not None:
+            for level, p in enumerate(self.bank.levels):
+                out[f"bank_level{level + 1}"] = p.numel()
+            out["generic"] = sum(p.numel() for p in self.bank.generic)
+        return out
