@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name == name:  # command not built yet
+            if e.name and name.startswith(e.name):  # command (or its package) not built yet
                 continue
             raise
         register = getattr(module, "register", None)
