@@ -1,0 +1,39 @@
+"""Scaling-law analysis over tidy result tables (one row per run).
+
+    from analysis import fit, compare_forms, estimate_equivalence, isoflop_view, plot_fit
+    res = fit(df, "chinchilla", {"N": "anchor_params", "D": "tokens"}, "loss", bootstrap=200)
+    res.summary()                      # parameters with bootstrap CIs
+
+Modules: forms (functional forms), fitting (multi-start Huber fitter, bootstrap), optimize
+(batched L-BFGS), compare (AIC/BIC, hold-out extrapolation), equivalence (dense-equivalent
+multiplier k), views (IsoFLOP, iso-runtime), plots (PNG + CSV), synthetic (runs from a known
+law), expressions (safe column arithmetic), data (loading and validation), scaling (the CLI).
+Plotting is imported lazily, so fitting does not pull in matplotlib and seaborn.
+"""
+
+from .compare import Comparison, HoldoutResult, compare_fits, compare_forms, holdout_largest, information_criteria
+from .data import STANDARD_X, load_csv
+from .equivalence import EquivalenceResult, estimate_equivalence, solve_equivalent_n
+from .expressions import evaluate
+from .fitting import FitResult, bootstrap_fit, fit, huber, make_starts
+from .forms import FORMS, Form, Variable, get_form, list_forms, register_form
+from .synthetic import design_grid, simulate
+from .views import IsoFlopView, iso_runtime_view, isoflop_view
+
+_PLOTS = ("PlotFiles", "plot_bootstrap", "plot_comparison", "plot_equivalence", "plot_fit", "plot_holdout",
+          "plot_iso_runtime", "plot_isoflop", "save_figure")
+
+
+def __getattr__(name: str):
+    if name in _PLOTS:
+        from . import plots
+        return getattr(plots, name)
+    raise AttributeError(f"module 'analysis' has no attribute {name!r}")
+
+
+__all__ = [
+    "FORMS", "STANDARD_X", "Comparison", "EquivalenceResult", "FitResult", "Form", "HoldoutResult", "IsoFlopView",
+    "bootstrap_fit", "compare_fits", "compare_forms", "design_grid", "estimate_equivalence", "evaluate", "fit",
+    "get_form", "holdout_largest", "huber", "information_criteria", "iso_runtime_view", "isoflop_view",
+    "list_forms", "load_csv", "make_starts", "register_form", "simulate", "solve_equivalent_n", "Variable", *_PLOTS,
+]

@@ -1,0 +1,333 @@
+"""Training: dense anchor pretraining and memory training, one flat loop with an explicit train state.
+
+Stages (the paper's rows for the 160M anchor):
+    pretrain         dense anchor or baseline from scratch (A1, B1, and dense ladders)
+    memory-cotrain   anchor initialized from a pretrained run and trained together with the bank (A2)
+    memory-frozen    anchor initialized from a pretrained run and frozen; only memories train (A3)
+    memory-scratch   anchor and memories both from scratch (A4)
+
+Memory runs use cluster-packed sequences; each sequence uses the generic block instead of its fetched
+blocks with probability `generic_prob` (default 1/(k+1), the paper's 1/17 for k = 16; sampled per
+sequence, also in frozen runs). The bank is updated by the sparse AdamW of `hiermem.optim`.
+
+A run directory holds:
+    config.yaml        the resolved TrainConfig          provenance.json   git SHA, versions, device
+    metrics.jsonl      one line per logged step          checkpoint/       latest model + train state
+    final/             final model checkpoint            summary.json      written last: the run is done
+Resuming (`hiermem train CONFIG --run-dir DIR` again) continues from checkpoint/ and ends with exactly
+the weights of an uninterrupted run on CPU; a changed config is refused, naming the differing fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from hiermem.accounting import count
+from hiermem.checkpoint import load_anchor_weights, load_weights, save_checkpoint
+from hiermem.config import MemoryConfig, ModelConfig, model_preset
+from hiermem.configbase import Config, require
+from hiermem.data.packing import SequenceLoader
+from hiermem.data.pipeline import DataConfig, build_data
+from hiermem.io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, check_writable_dir, read_jsonl
+from hiermem.model import HierMemLM
+from hiermem.provenance import provenance
+from hiermem.stepper import TrainStepper, cosine_lr
+
+log = logging.getLogger(__name__)
+STAGES = ("pretrain", "memory-cotrain", "memory-frozen", "memory-scratch")
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient: the run stops and keeps its last good checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig(Config):
+    """AdamW with a cosine schedule; the bank (and generic block) has its own LR and weight decay."""
+
+    lr: float = 3e-3
+    final_lr: float = 3e-5
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.05
+    bank_lr: float = 3e-3
+    bank_final_lr: float = 3e-5
+    bank_weight_decay: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+    def validate(self) -> None:
+        for name in ("lr", "bank_lr", "eps"):
+            require(getattr(self, name) > 0, name, "a positive number", getattr(self, name))
+        for name in ("final_lr", "bank_final_lr", "weight_decay", "bank_weight_decay", "grad_clip"):
+            require(getattr(self, name) >= 0, name, "a non-negative number", getattr(self, name))
+        require(0 <= self.warmup_fraction < 1, "warmup_fraction", "a number in [0, 1)", self.warmup_fraction)
+        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1/beta2", "numbers in [0, 1)",
+                (self.beta1, self.beta2))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Config):
+    """One training run. `anchor` names a preset; `model` (if given) overrides it field by field."""
+
+    stage: str = "pretrain"
+    anchor: str = "tiny-d2"
+    model: dict = dataclasses.field(default_factory=dict)
+    memory: MemoryConfig | None = None
+    init_from: str = ""
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    tokens: int = 1_000_000
+    flops: float = 0.0
+    batch_size: int = 16
+    packing: str = "auto"
+    generic_prob: float = -1.0
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 100
+    log_every: int = 10
+
+    def validate(self) -> None:
+        require(self.stage in STAGES, "stage", f"one of {list(STAGES)}", self.stage)
+        memory_stage = self.stage != "pretrain"
+        require(not memory_stage or (self.memory is not None and self.memory.enabled), "memory",
+                f"a memory config with some r > 0 for stage {self.stage!r}", self.memory)
+        require(memory_stage or self.memory is None or not self.memory.enabled, "memory",
+                "no memory for stage 'pretrain' (use memory-scratch to train both from scratch)", self.memory)
+        needs_init = self.stage in ("memory-cotrain", "memory-frozen")
+        require(bool(self.init_from) == needs_init, "init_from",
+                "the run directory of a pretrained anchor" if needs_init else "empty for this stage", self.init_from)
+        require(self.tokens > 0 or self.flops > 0, "tokens", "a positive token budget (or flops > 0)", self.tokens)
+        require(self.flops >= 0, "flops", "a non-negative FLOP budget", self.flops)
+        require(self.batch_size > 0, "batch_size", "a positive integer", self.batch_size)
+        require(self.packing in ("auto", "clustered", "plain"), "packing", "auto, clustered or plain", self.packing)
+        require(self.generic_prob == -1.0 or 0 <= self.generic_prob <= 1, "generic_prob",
+                "-1 (= 1/(k+1)) or a probability in [0, 1]", self.generic_prob)
+        require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
+                "auto, cpu or cuda[:i]", self.device)
+        require(self.checkpoint_every > 0 and self.log_every > 0, "checkpoint_every/log_every", "positive integers",
+                (self.checkpoint_every, self.log_every))
+        if self.memory is not None and self.memory.enabled:
+            require(self.memory.depth <= self.data.tree.depth, "memory.multipliers",
+                    f"at most {self.data.tree.depth} levels (the tree's depth)", self.memory.multipliers)
+            require(self.memory.branching == self.data.tree.branching, "memory.branching",
+                    f"the tree's branching {self.data.tree.branching}", self.memory.branching)
+        ModelConfig.from_dict({**model_preset(self.anchor).to_dict(), **self.model})  # fails early on bad fields
+
+    # ------------------------------------------------------------------------------ derived
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        base = model_preset(self.anchor).to_dict()
+        base.update({"vocab_size": vocab_size, "max_seq_len": self.data.seq_len})
+        base.update(self.model)
+        return ModelConfig.from_dict(base)
+
+    @property
+    def uses_memory(self) -> bool:
+        return self.stage != "pretrain"
+
+    @property
+    def resolved_packing(self) -> str:
+        if self.packing != "auto":
+            return self.packing
+        return "clustered" if self.uses_memory else "plain"
+
+    @property
+    def resolved_generic_prob(self) -> float:
+        if not self.uses_memory or not self.memory.generic:
+            return 0.0
+        return 1.0 / (self.memory.branching + 1) if self.generic_prob < 0 else self.generic_prob
+
+    def total_steps(self, flops_per_token: int) -> int:
+        tokens_per_step = self.batch_size * self.data.seq_len
+        if self.flops > 0:
+            return max(1, math.ceil(self.flops / (flops_per_token * tokens_per_step)))
+        return max(1, math.ceil(self.tokens / tokens_per_step))
+
+
+def device_for(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def final_checkpoint(run_dir: str | Path) -> Path:
+    path = Path(run_dir) / "final"
+    if not (path / "config.yaml").exists():
+        raise FileNotFoundError(f"{str(run_dir)!r} has no final checkpoint: the run is not finished")
+    return path
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / "summary.json").exists()
+
+
+def _check_same_config(run_dir: Path, cfg: TrainConfig) -> None:
+    stored = TrainConfig.load(run_dir / "config.yaml")
+    diff = stored.diff(cfg)
+    if diff:
+        raise ValueError(f"run directory {str(run_dir)!r} was started with a different config; refusing to "
+                         f"resume. Differing fields: {', '.join(diff)}")
+
+
+def _check_disk(run_dir: Path, bytes_needed: int) -> None:
+    free = shutil.disk_usage(run_dir).free
+    if free < bytes_needed:
+        raise OSError(f"run directory {str(run_dir)!r} has {free / 1e6:.1f} MB free; a checkpoint needs about "
+                      f"{bytes_needed / 1e6:.1f} MB (twice that while one replaces another)")
+
+
+def _generic_mask(seed: int, step: int, batch: int, prob: float) -> torch.Tensor | None:
+    """Per-sequence generic-memory choice, a function of (seed, step) only, so resume is exact."""
+    if prob <= 0:
+        return None
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.rand(batch, generator=g) < prob
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, progress: bool = True, stop_after_steps: int | None = None) -> Path:
+    """Run (or resume, or skip if finished) one training run into `run_dir`; returns run_dir.
+
+    stop_after_steps: stop early without finishing (simulates a killed run; used by tests).
+    """
+    run_dir = check_writable_dir(run_dir, "run directory")
+    if (run_dir / "config.yaml").exists():
+        _check_same_config(run_dir, cfg)
+        if is_finished(run_dir):
+            log.info("run %s is finished; skipping", run_dir)
+            return run_dir
+    data = build_data(cfg.data, progress=progress)
+    device = device_for(cfg.device)
+    model_cfg = cfg.model_config(data.vocab_size)
+    memory_cfg = cfg.memory if cfg.uses_memory else None
+    acc = count(model_cfg, memory_cfg, seq_len=cfg.data.seq_len)
+    total_steps = cfg.total_steps(acc.flops_per_token)
+    _check_disk(run_dir, 8 * (acc.anchor_params + acc.bank_params + acc.generic_params) * 2)
+
+    torch.manual_seed(cfg.seed)
+    model = HierMemLM(model_cfg, memory_cfg)
+    if cfg.init_from:
+        load_anchor_weights(model, final_checkpoint(cfg.init_from))
+    model.to(device)
+    o = cfg.optim
+    stepper = TrainStepper(model, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps,
+                           grad_clip=o.grad_clip or None, bank_lr=o.bank_lr, bank_weight_decay=o.bank_weight_decay,
+                           freeze_anchor=cfg.stage == "memory-frozen")
+    sequences = data.sequences(cfg.resolved_packing)
+    loader = SequenceLoader(sequences, batch_size=min(cfg.batch_size, len(sequences)), seed=cfg.seed)
+    warmup = round(o.warmup_fraction * total_steps)
+    generic_prob = cfg.resolved_generic_prob
+
+    start_step = 0
+    ckpt_dir = run_dir / "checkpoint"
+    if (ckpt_dir / "train_state.pt").exists():
+        state = torch.load(ckpt_dir / "train_state.pt", map_location=device, weights_only=False)
+        load_weights(model, ckpt_dir)
+        stepper.load_state_dict(state["stepper"])
+        loader.load_state_dict(state["loader"])
+        start_step = state["step"]
+        kept = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["step"] < start_step] \
+            if (run_dir / "metrics.jsonl").exists() else []
+        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        log.info("resuming %s at step %d", run_dir, start_step)
+    else:
+        cfg.save(run_dir / "config.yaml")
+        atomic_write_json(run_dir / "provenance.json", {**provenance(), "accounting": acc.to_dict(),
+                                                        "total_steps": total_steps, "stage": cfg.stage})
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+    tokens_per_step = loader.batch_size * cfg.data.seq_len
+    batches = iter(loader)  # continues from the restored position
+    bar = tqdm(total=total_steps, initial=start_step, disable=not progress, unit="step",
+               desc=f"{cfg.stage} {run_dir.name}", dynamic_ncols=True)
+    window: list[dict] = []
+    tick = time.perf_counter()
+    model.train()
+    for step in range(start_step, total_steps):
+        if stop_after_steps is not None and step >= start_step + stop_after_steps:
+            bar.close()
+            return run_dir
+        tokens, segments, paths = (t.to(device) for t in next(batches))
+        lr = cosine_lr(step, total_steps, warmup, o.lr, o.final_lr)
+        bank_lr = cosine_lr(step, total_steps, warmup, o.bank_lr, o.bank_final_lr)
+        stepper.set_lr(lr, bank_lr)
+        use_generic = _generic_mask(cfg.seed, step, tokens.shape[0], generic_prob) if cfg.uses_memory else None
+        out = stepper.step(tokens, segments, paths if cfg.uses_memory else None,
+                           use_generic.to(device) if use_generic is not None else None)
+        if not out["finite"]:
+            bar.close()
+            last = f"step {_ckpt_step(ckpt_dir)}" if ckpt_dir.exists() else "none (no checkpoint was written yet)"
+            raise TrainingDiverged(f"non-finite loss/gradient at step {step} (loss {out['loss']}, grad norm "
+                                   f"{out['grad_norm']}); stopped. Last good checkpoint: {last} in {ckpt_dir}. "
+                                   f"Lower optim.lr or raise optim.grad_clip.")
+        window.append({**out, "lr": lr, "bank_lr": bank_lr})
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total_steps:
+            elapsed = time.perf_counter() - tick
+            record = {"step": done, "tokens": done * tokens_per_step, "loss": float(np.mean([w["loss"] for w in window])),
+                      "grad_norm": float(np.mean([w["grad_norm"] for w in window])), "lr": lr, "bank_lr": bank_lr,
+                      "bank_rows": int(sum(w["bank_rows"] for w in window)),
+                      "tokens_per_s": len(window) * tokens_per_step / max(elapsed, 1e-9)}
+            append_jsonl(run_dir / "metrics.jsonl", record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+            window, tick = [], time.perf_counter()
+        bar.update(1)
+        if done % cfg.checkpoint_every == 0 and done < total_steps:
+            _save_train_state(model, stepper, loader, done, ckpt_dir)
+    bar.close()
+
+    with atomic_dir(run_dir / "final") as tmp:
+        save_checkpoint(model, tmp, extra={"stage": cfg.stage, "steps": total_steps})
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    summary = {"stage": cfg.stage, "steps": total_steps, "tokens": total_steps * tokens_per_step,
+               "final_loss": metrics[-1]["loss"] if metrics else None, **acc.to_dict(),
+               "generic_prob": generic_prob, "packing": cfg.resolved_packing,
+               "touched_blocks": stepper.bank_opt.touched_blocks() if stepper.bank_opt else {},
+               "optimizer_note": "bank AdamW state per block, advancing only on steps that fetch the block"}
+    atomic_write_json(run_dir / "summary.json", summary)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return run_dir
+
+
+def _ckpt_step(ckpt_dir: Path) -> int:
+    try:
+        return int(json.loads((ckpt_dir / "step.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def _save_train_state(model, stepper, loader, step: int, ckpt_dir: Path) -> None:
+    with atomic_dir(ckpt_dir) as tmp:
+        save_checkpoint(model, tmp)
+        torch.save({"step": step, "stepper": stepper.state_dict(), "loader": loader.state_dict()},
+                   tmp / "train_state.pt")
+        atomic_write_json(tmp / "step.json", {"step": step})
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _run_train(args: argparse.Namespace) -> int:
+    cfg = TrainConfig.load(args.config)
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
+    train(cfg, run_dir, progress=not args.quiet)
+    print(json.dumps(json.loads((run_dir / "summary.json").read_text()), indent=2) if is_finished(run_dir) else run_dir)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one run from a YAML config (resumes an interrupted run)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="TrainConfig YAML (see configs/)")
+    p.add_argument("--run-dir", default=None, help="run directory (default runs/<config name>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_train)

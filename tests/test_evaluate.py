@@ -1,0 +1,86 @@
+"""Evaluation: every mode on a smoke model, blocking isolation, scoring primitives."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hiermem.checkpoint import load_model
+from hiermem.config import MemoryConfig
+from hiermem.data.pipeline import build_data
+from hiermem.evaluate import BASE_MODES, EvalConfig, evaluate_run, score_probes
+from hiermem.probing import MemoryChoice, answer_matches, continuation_logprobs, greedy_generate
+from hiermem.train import TrainConfig, final_checkpoint, train
+
+
+@pytest.fixture(scope="module")
+def memory_run(smoke_data_config, pretrained_anchor, tmp_path_factory):
+    cfg = TrainConfig(stage="memory-cotrain", anchor="tiny-d1", data=smoke_data_config, init_from=str(pretrained_anchor),
+                      memory=MemoryConfig(multipliers=(8, 2), branching=4), tokens=10 * 4 * 128, batch_size=4,
+                      optim=TrainConfig().optim.replace(bank_lr=0.05))  # a large bank LR so memories matter
+    return train(cfg, tmp_path_factory.mktemp("runs") / "memory", progress=False)
+
+
+def test_every_mode_on_a_smoke_model(memory_run, smoke_data_config):
+    summary = evaluate_run(memory_run, EvalConfig(heldout_docs_per_source=20))
+    modes = list(summary["mode"])
+    assert modes == list(BASE_MODES) + ["drop-level1", "drop-level2"]
+    results = pd.read_parquet(memory_run / "eval" / "probe_results.parquet")
+    n_probes = len(build_data(smoke_data_config, progress=False).probes)
+    assert len(results) == n_probes * len(modes)
+    assert {"avg_sk", "avg_ck", "ppl", "atomic_all"} <= set(summary.columns)
+    assert summary.set_index("mode").loc["fetched", "ppl"] > 1
+    ppl = pd.read_csv(memory_run / "eval" / "perplexity.csv")
+    assert set(ppl["source"]) >= {"wiki", "factbook"}
+    logprob = results.pivot(index="probe_id", columns="mode", values="answer_logprob")
+    assert not np.allclose(logprob["none"], logprob["fetched"])  # the trained memory matters
+    assert np.allclose(logprob["fetched+blocked"], logprob["none"], atol=1e-4)  # whole routed subtree dropped
+    routing = pd.read_csv(memory_run / "eval" / "routing.csv")
+    assert "match_l1" in routing.columns
+
+
+def test_dense_model_has_only_none_mode(pretrained_anchor):
+    summary = evaluate_run(pretrained_anchor, EvalConfig(heldout_docs_per_source=10, mc_candidates=2))
+    assert list(summary["mode"]) == ["none"]
+
+
+def test_blocked_fraction_changes_nothing_else(memory_run, smoke_data_config):
+    data = build_data(smoke_data_config, progress=False)
+    model = load_model(final_checkpoint(memory_run)).eval()
+    probes = data.probes.sample(150, random_state=0).reset_index(drop=True)
+    routed_first = set(data.route_texts(probes["prompt"].tolist())[:, 0].tolist())
+    for seed in range(50):  # a seed whose blocked quarter of the bank holds some but not all probes
+        prefixes = {p[0] for p in load_model(final_checkpoint(memory_run)).bank.block_fraction(0.25, seed=seed)}
+        if prefixes & routed_first and routed_first - prefixes:
+            break
+    cfg = EvalConfig(modes=("fetched", "fetched+blocked"), level_ablation=False, block_fraction=0.25, seed=seed)
+    results = score_probes(model, data, probes, cfg, ["fetched", "fetched+blocked"])
+    assert not model.bank.blocked_0.any()  # blocking is undone after the mode
+    wide = results.pivot(index="probe_id", columns="mode", values="answer_logprob").loc[probes["probe_id"]]
+    first_level = np.array([int(p.split(",")[0]) for p in results[results["mode"] == "fetched"]["routed_path"]])
+    untouched = ~np.isin(first_level, list(prefixes))
+    assert untouched.any() and (~untouched).any()
+    np.testing.assert_allclose(wide["fetched"].to_numpy()[untouched], wide["fetched+blocked"].to_numpy()[untouched])
+    assert not np.allclose(wide["fetched"].to_numpy()[~untouched], wide["fetched+blocked"].to_numpy()[~untouched])
+
+
+def test_answer_matching():
+    assert answer_matches(" 43.", "43") and answer_matches(" 43 and", "43")
+    assert not answer_matches(" 430", "43") and not answer_matches(" none", "43")
+    assert answer_matches(" Paris, France", "Paris") and answer_matches(" paris", "Paris")
+    assert not answer_matches(" Parisian", "Paris") and not answer_matches("", "Paris")
+
+
+def test_left_padding_scores_like_the_prompt_alone(memory_run):
+    model = load_model(final_checkpoint(memory_run)).eval()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
+    answers = [[13, 14], [15]]
+    paths = np.array([[0, 1], [2, 3]])
+    together = continuation_logprobs(model, prompts, answers, MemoryChoice(paths=paths), pad_id=1)
+    alone = [continuation_logprobs(model, [p], [a], MemoryChoice(paths=paths[i:i + 1]), pad_id=1)[0]
+             for i, (p, a) in enumerate(zip(prompts, answers))]
+    np.testing.assert_allclose(together, alone, rtol=1e-5)
+    gen = greedy_generate(model, prompts, MemoryChoice(paths=paths), 3, pad_id=1)
+    assert gen[1] == greedy_generate(model, prompts[1:], MemoryChoice(paths=paths[1:]), 3, pad_id=1)[0]
+    with torch.no_grad():
+        assert len(gen[0]) == 3
