@@ -7,7 +7,7 @@ collects them, so that `hiermem --help` stays fast (heavy imports happen inside 
     hiermem data    build | stats                                          corpus, probes, routing
     hiermem train   CONFIG.yaml                                            one run directory
     hiermem eval    RUN_DIR                                                tidy evaluation tables
-    hiermem sweep   plan | run SPEC.yaml                                   resumable sweeps
+    hiermem sweep   plan | run | results SPEC.yaml                         resumable sweeps, tidy tables
     hiermem demo                                                           the main end-to-end job
     hiermem notebooks run                                                  execute notebooks with papermill
 """

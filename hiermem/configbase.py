@@ -41,7 +41,8 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
                 return _coerce(value, arg, field)
             except ValueError as e:
                 errors.append(str(e))
-        raise ValueError(f"invalid config field '{field}': {value!r} matches none of {tp}")
+        detail = f" ({'; '.join(errors)})" if errors else ""
+        raise ValueError(f"invalid config field '{field}': {value!r} matches none of {tp}{detail}")
     if origin is typing.Literal:
         require(value in args, field, f"one of {list(args)}", value)
         return value

@@ -159,14 +159,17 @@ class Transformer(nn.Module):
             block.ffn.w3.weight.mul_((2 * self.cfg.n_layers) ** -0.5)
 
     def forward(self, tokens: torch.Tensor, segment_ids: torch.Tensor | None = None,
-                memory: FetchedMemory | None = None) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, vocab). segment_ids (B, T): documents in a packed row."""
+                memory: FetchedMemory | None = None, last_n: int | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab). segment_ids (B, T): documents in a packed row.
+
+        last_n: only compute the logits of the last n positions (scoring and generation need no more).
+        """
         attn_mask = None if segment_ids is None else document_attention_mask(segment_ids)
         x = self.embed(tokens)
         for i, block in enumerate(self.blocks):
             mem = memory.for_layer(i) if memory is not None else None
             x = block(x, self.rotary, attn_mask, mem, memory)
-        x = self.norm(x)
+        x = self.norm(x if last_n is None else x[:, -last_n:])
         weight = self.embed.weight if self.head is None else self.head.weight
         return F.linear(x, weight)
 
@@ -201,9 +204,10 @@ class HierMemLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, segment_ids: torch.Tensor | None = None,
                 paths: torch.Tensor | None = None, use_generic: torch.Tensor | None = None,
-                blocked: torch.Tensor | None = None, active: dict[int, ActiveRows] | None = None) -> torch.Tensor:
+                blocked: torch.Tensor | None = None, active: dict[int, ActiveRows] | None = None,
+                last_n: int | None = None) -> torch.Tensor:
         memory = self.fetch(paths, use_generic, blocked, active)
-        return self.anchor(tokens, segment_ids, memory)
+        return self.anchor(tokens, segment_ids, memory, last_n=last_n)
 
     # accounting, nanochat-style: methods on the model, computed from the configs
     def accounting(self, seq_len: int | None = None):

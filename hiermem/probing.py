@@ -64,7 +64,7 @@ def greedy_generate(model: HierMemLM, prompts: list[list[int]], memory: MemoryCh
         generated = [[] for _ in index]
         for _ in range(max_new_tokens):
             tokens, segments = _left_pad([b + g for b, g in zip(batch, generated)], pad_id)
-            logits = model(tokens.to(device), segments.to(device), **kwargs)
+            logits = model(tokens.to(device), segments.to(device), last_n=1, **kwargs)
             next_ids = logits[:, -1].argmax(dim=-1).tolist()
             for g, t in zip(generated, next_ids):
                 g.append(t)
@@ -83,9 +83,11 @@ def continuation_logprobs(model: HierMemLM, contexts: list[list[int]], continuat
         index = np.arange(start, min(start + batch_size, len(contexts)))
         rows = [(list(contexts[i]) + list(continuations[i]))[-max_len:] for i in index]
         tokens, segments = _left_pad(rows, pad_id)
-        logits = model(tokens.to(device), segments.to(device), **memory.rows(index, device))
+        longest = max(len(continuations[i]) for i in index)
+        # rows are right-aligned, so every continuation sits in the last `longest` positions
+        logits = model(tokens.to(device), segments.to(device), last_n=longest + 1, **memory.rows(index, device))
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        targets = tokens[:, 1:].to(device)
+        targets = tokens[:, -longest:].to(device)
         token_logp = logp.gather(-1, targets[..., None])[..., 0]
         for row, i in enumerate(index):
             n = len(continuations[i])

@@ -13,7 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(autouse=True)
 def _torch_threads():
     import torch
-    torch.set_num_threads(2)
+    # one thread by default: on a busy 2-core box, two threads per tiny model are far slower
+    torch.set_num_threads(int(os.environ.get("HIERMEM_TEST_THREADS", "1")))
     yield
 
 
