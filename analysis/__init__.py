@@ -37,3 +37,16 @@ __all__ = [
     "get_form", "holdout_largest", "huber", "information_criteria", "iso_runtime_view", "isoflop_view",
     "list_forms", "load_csv", "make_starts", "register_form", "simulate", "solve_equivalent_n", "Variable", *_PLOTS,
 ]
+
+# Knowledge attribution over probe tables (numpy/pandas only; its plots import seaborn when drawn).
+from .attribution import (CATEGORIES, accuracy_by_frequency, attribute_knowledge, attribution_shares,
+                          blocking_effect, bucket_order, level_contribution, load_eval_summary,
+                          load_probe_results, memory_gain, plot_accuracy_by_frequency, plot_against_size,
+                          plot_attribution, plot_blocking, plot_level_contribution, plot_memory_gain)
+
+__all__ += [
+    "CATEGORIES", "accuracy_by_frequency", "attribute_knowledge", "attribution_shares", "blocking_effect",
+    "bucket_order", "level_contribution", "load_eval_summary", "load_probe_results", "memory_gain",
+    "plot_accuracy_by_frequency", "plot_against_size", "plot_attribution", "plot_blocking",
+    "plot_level_contribution", "plot_memory_gain",
+]
