@@ -46,7 +46,7 @@ SCALES = {
     "default": DemoScale(data="small", anchor_tokens=3_000_000, memory_tokens=1_500_000, batch_size=16,
                          memory=(112, 28), probes_per_relation=120, heldout_docs=150),
     "smoke": DemoScale(data="smoke", anchor_tokens=40_000, memory_tokens=20_000, batch_size=8,
-                       memory=(16, 4), probes_per_relation=20, heldout_docs=10),
+                       memory=(16, 4), probes_per_relation=8, heldout_docs=10),
 }
 
 

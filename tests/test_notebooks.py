@@ -1,0 +1,196 @@
+"""Notebooks: committed clean with a parameters cell, and executed end to end by papermill at smoke scale."""
+
+import json
+import shutil
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from hiermem.cli import main
+from hiermem.notebooks import (NOTEBOOK_DIR, NotebookError, attempt, check_notebook, check_notebooks, list_notebooks,
+                               notebook_parameters, run_notebook, strip_outputs)
+
+EXPECTED = {"chinchilla_check", "knowledge_attribution", "scaling_memory", "scaling_depth_anchor"}
+CHINCHILLA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chinchilla_svg_extracted.csv"
+
+
+def _files(folder: Path, *names: str) -> None:
+    """Each figure as PNG + the CSV it plots, each table as CSV, all non-empty."""
+    for name in names:
+        path = folder / name
+        assert path.is_file() and path.stat().st_size > 0, f"missing {path}"
+        if path.suffix == ".png":
+            assert path.read_bytes()[:4] == b"\x89PNG"
+            assert len(pd.read_csv(path.with_suffix(".csv"))) > 0
+        elif path.suffix == ".csv":
+            assert len(pd.read_csv(path)) > 0
+
+
+def _executed_ok(executed: Path, out: Path) -> nbformat.NotebookNode:
+    nb = nbformat.read(executed, as_version=4)
+    assert any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
+    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and str(out) in injected[0].source
+    assert json.loads((out / "run.json").read_text())["parameters"]["out_dir"] == str(out)
+    return nb
+
+
+# ------------------------------------------------------------------------------ committed notebooks
+def test_committed_notebooks_are_clean_and_parameterised():
+    assert EXPECTED <= set(list_notebooks())
+    assert check_notebooks() == []
+    for name in list_notebooks():
+        params = notebook_parameters(name)
+        assert params["scale"] == '"smoke"' and f"results/notebooks/{name}" in params["out_dir"]
+
+
+def test_check_and_strip_catch_what_must_not_be_committed(tmp_path):
+    path = tmp_path / "nb.ipynb"
+    shutil.copy(NOTEBOOK_DIR / "chinchilla_check.ipynb", path)
+    assert check_notebook(path) == []
+    nb = nbformat.read(path, as_version=4)
+    code = next(c for c in nb.cells if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", []))
+    code.outputs = [nbformat.v4.new_output("stream", text="hello")]
+    code.execution_count = 3
+    nbformat.write(nb, path)
+    problems = check_notebook(path)
+    assert any("has outputs" in p for p in problems) and any("execution count" in p for p in problems)
+    assert strip_outputs(path) is True and check_notebook(path) == [] and strip_outputs(path) is False
+    nb = nbformat.read(path, as_version=4)
+    next(c for c in nb.cells if "parameters" in c.metadata.get("tags", [])).metadata["tags"] = []
+    nbformat.write(nb, path)
+    assert any("no cell tagged 'parameters'" in p for p in check_notebook(path))
+
+
+def test_attempt_prints_why_a_step_was_skipped(capsys):
+    def underdetermined():
+        raise ValueError("too few points")
+    assert attempt(underdetermined) is None and attempt(len, None) is None and attempt(len, [1, 2]) == 2
+    out = capsys.readouterr().out
+    assert "skipped underdetermined: too few points" in out and "skipped len" in out
+    with pytest.raises(TypeError):  # only the library's 'cannot be determined' errors are tolerated
+        attempt(len, 3)
+
+
+def test_a_failing_cell_names_the_cell_and_keeps_the_executed_copy(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('scale = "smoke"\nout_dir = "x"')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("raise ValueError('broken on purpose')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    (tmp_path / "src").mkdir()
+    nbformat.write(nb, tmp_path / "src" / "broken.ipynb")
+    with pytest.raises(NotebookError, match="broken.*ValueError: broken on purpose") as err:
+        run_notebook("broken", tmp_path / "out", directory=tmp_path / "src")
+    assert (tmp_path / "out" / "broken.ipynb").is_file() and "broken.ipynb" in str(err.value)
+
+
+def test_cli_list_and_errors(capsys):
+    assert main(["notebooks", "list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in EXPECTED) and "scale=" in out
+    assert main(["notebooks", "check"]) == 0
+    assert main(["notebooks", "run", "no_such_notebook"]) == 1
+    assert "no notebook 'no_such_notebook'" in capsys.readouterr().err
+    assert main(["notebooks", "run", "chinchilla_check", "-p", "not a pair"]) == 1
+
+
+# ------------------------------------------------------------------------------ executed at smoke scale
+@pytest.mark.skipif(not CHINCHILLA.is_file(), reason=f"shared Chinchilla data not found at {CHINCHILLA}")
+def test_chinchilla_notebook_end_to_end_through_the_cli(tmp_path, capsys):
+    assert main(["notebooks", "run", "chinchilla_check", "--out", str(tmp_path), "-p", f"data_path={CHINCHILLA}"]) == 0
+    out = tmp_path / "chinchilla_check"
+    _executed_ok(tmp_path / "chinchilla_check.ipynb", out)
+    _files(out, "tables/parameters.csv", "tables/isoflop_optima.csv", "fit.png", "isoflop.png", "bootstrap.png")
+    params = pd.read_csv(out / "tables" / "parameters.csv").set_index("param")
+    assert params.loc[["E", "alpha", "beta"], "besiroglu_in_ci"].all()
+    assert abs(params.loc["E", "estimate"] - 1.817) < 0.02
+    assert len(pd.read_csv(out / "bootstrap.csv")) == 50  # the smoke scale's bootstrap size
+    assert "chinchilla_check (scale=smoke)" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def evaluated_runs(smoke_data_config, pretrained_anchor, tmp_path_factory):
+    """A dense anchor and a co-trained memory run on it, both evaluated with few probes."""
+    from hiermem.config import MemoryConfig
+    from hiermem.evaluate import EvalConfig, evaluate_run
+    from hiermem.train import TrainConfig, train
+    root = tmp_path_factory.mktemp("runs")
+    anchor = shutil.copytree(pretrained_anchor, root / "anchor")  # evaluate a copy: the fixture is shared
+    cfg = TrainConfig(stage="memory-cotrain", anchor="tiny-d1", data=smoke_data_config, init_from=str(anchor),
+                      memory=MemoryConfig(multipliers=(8, 2), branching=4), tokens=8 * 4 * 128, batch_size=4,
+                      optim=TrainConfig().optim.replace(bank_lr=0.05))
+    memory = train(cfg, root / "memory", progress=False)
+    eval_cfg = EvalConfig(max_probes_per_relation=5, heldout_docs_per_source=5, max_new_tokens=4, mc_candidates=4)
+    for run in (anchor, memory):
+        evaluate_run(run, eval_cfg)
+    return {"anchor": str(anchor), "memory-cotrain": str(memory)}
+
+
+KNOWLEDGE_FILES = ("tables/summary.csv", "accuracy_by_frequency.png", "attribution_by_bucket.png", "memory_gain.png",
+                   "blocking.png", "level_contribution.png", "tables/accuracy_by_frequency.csv",
+                   "tables/attribution_per_probe.csv", "tables/attribution_by_group.csv",
+                   "tables/attribution_by_relation.csv", "tables/memory_gain.csv")
+
+
+def test_knowledge_attribution_notebook_on_evaluated_runs(evaluated_runs, tmp_path):
+    executed = run_notebook("knowledge_attribution", tmp_path,
+                            parameters={"run_dirs": evaluated_runs, "metric": "mc_correct", "n_boot": 200})
+    out = tmp_path / "knowledge_attribution"
+    _executed_ok(executed, out)
+    _files(out, *KNOWLEDGE_FILES)
+    per_probe = pd.read_csv(out / "tables" / "attribution_per_probe.csv")
+    assert set(per_probe["run"]) == {"memory-cotrain"}  # the dense anchor has no memory to attribute to
+    curve = pd.read_csv(out / "accuracy_by_frequency.csv")
+    assert set(curve["run"]) == {"anchor", "memory-cotrain"} and set(curve["metric"]) == {"mc_correct"}
+
+
+@pytest.mark.slow
+def test_knowledge_attribution_notebook_runs_the_demo(tmp_path):
+    """The notebook as shipped at smoke scale: trains and evaluates the demo's five runs, then reuses them."""
+    params = {"data_root": str(tmp_path / "data"), "runs_dir": str(tmp_path / "runs")}
+    run_notebook("knowledge_attribution", tmp_path / "first", parameters=params)
+    _files(tmp_path / "first" / "knowledge_attribution", *KNOWLEDGE_FILES)
+    summary = pd.read_csv(tmp_path / "first" / "knowledge_attribution" / "tables" / "summary.csv")
+    assert set(summary["run"]) == {"anchor", "memory-frozen", "memory-cotrain", "dense-same-active", "dense-2x"}
+    executed = run_notebook("knowledge_attribution", tmp_path / "second", parameters=params)
+    assert "reusing the finished and evaluated demo runs" in executed.read_text()
+
+
+# ------------------------------------------------------------------------------ scaling notebooks (smoke sweeps)
+def test_scaling_memory_notebook_at_smoke_scale(smoke_data_config, tmp_path):
+    """About ten runs of seconds each (the smoke sweep with a fetched x bank grid and a dense ladder)."""
+    params = {"data_root": smoke_data_config.root, "sweeps_dir": str(tmp_path / "sweeps")}
+    executed = run_notebook("scaling_memory", tmp_path, parameters=params)
+    out = tmp_path / "scaling_memory"
+    _executed_ok(executed, out)
+    _files(out, "tables/plan.csv", "tables/runs.csv", "tables/dense_fit_parameters.csv", "tables/iso_runtime.csv",
+           "tables/form_comparison.csv", "tables/form_parameters.csv", "tables/equivalence_by_config.csv",
+           "dense_fit.png", "iso_runtime.png", "form_comparison.png", "memory_effective_fit.png", "equivalence.png",
+           "metrics_vs_fetched.png", "metrics_vs_bank.png")
+    runs = pd.read_csv(out / "tables" / "runs.csv")
+    assert (runs["status"] == "ok").all() and set(runs["kind"]) == {"dense", "memory"}
+    memory = runs[runs["kind"] == "memory"]
+    assert (memory["total_tokens"] == 2 * memory["tokens"]).all()  # anchor pretraining + memory training
+    assert set(pd.read_csv(out / "tables" / "form_comparison.csv")["form"]) == \
+        {"chinchilla", "memory_effective", "memory_additive"}
+    assert len(pd.read_csv(out / "tables" / "equivalence_by_config.csv")) == len(memory)
+    assert (tmp_path / "sweeps" / "scaling-memory-smoke" / "results.parquet").is_file()
+
+
+def test_scaling_depth_anchor_notebook_at_smoke_scale(smoke_data_config, tmp_path):
+    """Two smoke sweeps: four placements of one fetched budget, and two anchors against a dense ladder."""
+    params = {"data_root": smoke_data_config.root, "sweeps_dir": str(tmp_path / "sweeps")}
+    executed = run_notebook("scaling_depth_anchor", tmp_path, parameters=params)
+    out = tmp_path / "scaling_depth_anchor"
+    _executed_ok(executed, out)
+    _files(out, "tables/depth_runs.csv", "tables/depth_summary.csv", "tables/anchor_runs.csv",
+           "tables/dense_fit_parameters.csv", "tables/iso_runtime.csv", "tables/equivalence_by_anchor.csv",
+           "tables/form_comparison.csv", "depth_vs_bank.png", "dense_fit.png", "iso_runtime.png", "equivalence.png",
+           "form_comparison.png", "metrics_vs_anchor.png")
+    depth = pd.read_csv(out / "tables" / "depth_summary.csv")
+    memory = depth[depth["kind"] == "memory"]
+    assert memory["fetched_params"].nunique() == 1 and memory["bank_params"].nunique() == 4  # same budget, 4 banks
+    assert len(pd.read_csv(out / "tables" / "equivalence_by_anchor.csv")) == 2
