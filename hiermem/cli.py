@@ -24,7 +24,7 @@ COMMAND_MODULES = (
     "hiermem.data.cli",
     "hiermem.train",
     "hiermem.evaluate",
-    "hiermem.sweep",
+    "hiermem.sweep_cli",
     "hiermem.demo",
     "hiermem.notebooks",
 )

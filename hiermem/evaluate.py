@@ -15,7 +15,7 @@ down the run's k-means tree with the run's embedder. Modes, all scored on the sa
 
 Probe scores: `correct` (greedy generation, exact integer/string match, as the paper scores atomic
 numbers), `answer_logprob` (log-likelihood of the answer), and `mc_correct` (the answer outscores
-`mc_candidates - 1` other answers of the same relation by log-likelihood). Avg-SK / Avg-CK are macro
+`mc_candidates - 1` (default 3, 4-way like ARC) other answers of the same relation by log-likelihood). Avg-SK / Avg-CK are macro
 averages over relations of `correct` within each group.
 
 Outputs in RUN_DIR/eval/: probe_results.parquet (one row per probe and mode), perplexity.csv (source x
@@ -54,17 +54,20 @@ class EvalConfig(Config):
     blocked_level: int = 1
     block_fraction: float = 0.0
     max_new_tokens: int = 12
-    mc_candidates: int = 8
+    mc_candidates: int = 4
     heldout_docs_per_source: int = 300
     max_probes_per_relation: int = 0  # 0 = all; else a seeded sample per relation (atomic numbers: 118)
-    perplexity_modes: tuple[str, ...] = ("none", "generic", "fetched")
+    perplexity_modes: tuple[str, ...] = ("all",)  # "all" = every evaluated mode
     batch_size: int = 64
     seed: int = 0
     device: str = "auto"
 
     def validate(self) -> None:
-        for mode in self.modes + self.perplexity_modes:
+        for mode in self.modes:
             require(mode in BASE_MODES, "modes", f"modes among {list(BASE_MODES)}", mode)
+        for mode in self.perplexity_modes:
+            require(mode in BASE_MODES + ("all",), "perplexity_modes", f"'all' or modes among {list(BASE_MODES)}",
+                    mode)
         require(self.blocked_level >= 1, "blocked_level", "a level >= 1", self.blocked_level)
         require(0 <= self.block_fraction <= 1, "block_fraction", "a fraction in [0, 1]", self.block_fraction)
         require(self.max_new_tokens >= 1, "max_new_tokens", "a positive integer", self.max_new_tokens)
@@ -151,7 +154,7 @@ def score_probes(model: HierMemLM, data: DataBundle, probes: pd.DataFrame, cfg: 
     prompts = [e.ids for e in tok.encode_batch(probes["prompt"].tolist())]
     answers = probes["answer"].astype(str).tolist()
     answer_ids = [e.ids for e in tok.encode_batch([" " + a for a in answers])]
-    max_new = min(cfg.max_new_tokens, max(len(a) for a in answer_ids) + 2)
+    max_new = [min(cfg.max_new_tokens, len(a) + 1) for a in answer_ids]  # the answer and one token more
     routed = data.route_texts(probes["prompt"].tolist())
     oracle = _oracle_paths(data, probes, routed)
     build = _ModeBuilder(model, cfg, routed, oracle)
@@ -175,7 +178,6 @@ def score_probes(model: HierMemLM, data: DataBundle, probes: pd.DataFrame, cfg: 
             memory = build(mode)
             generated = greedy_generate(model, prompts, memory, max_new, data.pad_id, cfg.batch_size)
             texts = tok.decode_batch(generated)
-            logprob = continuation_logprobs(model, prompts, answer_ids, memory, data.pad_id, cfg.batch_size * 2)
             flat_memory = MemoryChoice(
                 paths=memory.paths[flat_probe] if memory.paths is not None else None,
                 use_generic=memory.use_generic[flat_probe] if memory.use_generic is not None else None,
@@ -186,6 +188,7 @@ def score_probes(model: HierMemLM, data: DataBundle, probes: pd.DataFrame, cfg: 
             if blocked_prefixes is not None:
                 model.bank.unblock_all()
         offsets = np.cumsum([0] + [len(c) for c in candidates])
+        logprob = cand_scores[offsets[:-1]]  # the true answer is each probe's first candidate
         mc_correct = [bool(len(c) > 1 and np.argmax(cand_scores[offsets[i]:offsets[i + 1]]) == 0)
                       for i, c in enumerate(candidates)]
         frame = probes[["probe_id", "relation", "subject", "group", "bucket", "exposures"]].copy()
@@ -251,21 +254,34 @@ def summarize(results: pd.DataFrame, perplexity: pd.DataFrame, model_name: str) 
         for bucket, part in atomic.groupby("bucket"):
             row[f"atomic_{bucket}"] = float(part["correct"].mean() * 100)
         row["atomic_all"] = float(atomic["correct"].mean() * 100) if len(atomic) else np.nan
+        for bucket, part in atomic.groupby("bucket"):
+            row[f"atomic_mc_{bucket}"] = float(part["mc_correct"].mean() * 100)
         for bucket, part in frame[frame["group"] == "SK"].groupby("bucket"):
             row[f"sk_{bucket}"] = float(part["correct"].mean() * 100)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, progress: bool = False) -> pd.DataFrame:
-    """Evaluate a finished run; writes RUN_DIR/eval/*.{parquet,csv} atomically and returns the summary."""
+def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, progress: bool = False,
+                 reuse: bool = False) -> pd.DataFrame:
+    """Evaluate a finished run; writes RUN_DIR/eval/*.{parquet,csv} atomically and returns the summary.
+
+    reuse: return the existing summary when RUN_DIR/eval was written with the same EvalConfig after
+    the final checkpoint (so re-running a pipeline does not re-evaluate).
+    """
     cfg = cfg or EvalConfig()
     run_dir = Path(run_dir)
+    out = run_dir / "eval"
+    if reuse and (out / "summary.csv").exists() and (out / "eval_config.yaml").exists():
+        same = EvalConfig.load(out / "eval_config.yaml") == cfg
+        fresh = (out / "summary.csv").stat().st_mtime >= (final_checkpoint(run_dir) / "config.yaml").stat().st_mtime
+        if same and fresh:
+            return pd.read_csv(out / "summary.csv")
     train_cfg = TrainConfig.load(run_dir / "config.yaml")
     model = load_model(final_checkpoint(run_dir)).to(device_for(cfg.device)).eval()
     data = build_data(train_cfg.data, progress=progress)
     modes = available_modes(model, cfg)
-    ppl_modes = [m for m in cfg.perplexity_modes if m in modes]
+    ppl_modes = modes if "all" in cfg.perplexity_modes else [m for m in cfg.perplexity_modes if m in modes]
     probes = select_probes(data.probes, cfg.max_probes_per_relation, cfg.seed)
     with torch.no_grad():
         results = score_probes(model, data, probes, cfg, modes)
@@ -273,12 +289,13 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, progress: b
     summary = summarize(results, perplexity, run_dir.name)
     routed = data.route_texts(probes["prompt"].tolist())
     routing = summarize_routing(routing_diagnostics(routed, data.fact_paths(), probes))
-    out = run_dir / "eval"
     out.mkdir(exist_ok=True)
+    (out / "eval_config.yaml").unlink(missing_ok=True)  # the tables below are being replaced
     with atomic_path(out / "probe_results.parquet") as tmp:
         results.to_parquet(tmp, index=False)
     for name, frame in (("perplexity", perplexity), ("summary", summary), ("routing", routing)):
         atomic_write_text(out / f"{name}.csv", frame.to_csv(index=False))
+    cfg.save(out / "eval_config.yaml")  # written last: marks a complete evaluation
     return summary
 
 

@@ -42,11 +42,11 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, h, T, dh)
-        t = x.shape[2]
-        if t > self.cos.shape[0]:
-            raise ValueError(f"sequence length {t} exceeds the model's max_seq_len {self.cos.shape[0]}")
-        cos, sin = self.cos[:t].to(x.dtype), self.sin[:t].to(x.dtype)
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:  # x: (B, h, T, dh)
+        end = offset + x.shape[2]
+        if end > self.cos.shape[0]:
+            raise ValueError(f"sequence length {end} exceeds the model's max_seq_len {self.cos.shape[0]}")
+        cos, sin = self.cos[offset:end].to(x.dtype), self.sin[offset:end].to(x.dtype)
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
@@ -61,7 +61,8 @@ class Attention(nn.Module):
         self.k_norm = _layer_norm(cfg.attn_dim, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, rotary: Rotary, attn_mask: torch.Tensor | None,
-                mem: dict[str, torch.Tensor] | None, fetched: FetchedMemory | None) -> torch.Tensor:
+                mem: dict[str, torch.Tensor] | None, fetched: FetchedMemory | None,
+                cache: dict | None = None, offset: int = 0) -> torch.Tensor:
         batch, t, _ = x.shape
         q, k, v = self.wqkv(x).chunk(3, dim=-1)
         if mem is not None:
@@ -74,7 +75,11 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         shape = (batch, t, self.n_heads, self.head_dim)
         q, k, v = (z.view(shape).transpose(1, 2) for z in (q, k, v))
-        q_rot, k_rot = rotary(q), rotary(k)
+        q_rot, k_rot = rotary(q, offset), rotary(k, offset)
+        if cache is not None:  # incremental decoding: attend over the cached keys and values too
+            if "k" in cache:
+                k_rot, v = torch.cat([cache["k"], k_rot], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k_rot, v
         if attn_mask is None:
             out = F.scaled_dot_product_attention(q_rot, k_rot, v, is_causal=True)
         else:
@@ -118,8 +123,8 @@ class Block(nn.Module):
         self.ffn_norm = _layer_norm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg)
 
-    def forward(self, x, rotary, attn_mask, mem, fetched):
-        x = x + self.attn(self.attn_norm(x), rotary, attn_mask, mem, fetched)
+    def forward(self, x, rotary, attn_mask, mem, fetched, cache=None, offset=0):
+        x = x + self.attn(self.attn_norm(x), rotary, attn_mask, mem, fetched, cache, offset)
         alpha = fetched.lora_alpha if fetched is not None else 0.0
         return x + self.ffn(self.ffn_norm(x), mem, alpha)
 
@@ -130,6 +135,22 @@ def document_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     return (same & causal)[:, None]
+
+
+class KVCache:
+    """Keys and values of every layer, for greedy decoding that feeds one new token per step.
+
+    The first call (prefill) runs the whole (left-padded) prompt; later calls take (B, 1) tokens that
+    continue the document of each row's last token, at the next position.
+    """
+
+    def __init__(self, n_layers: int):
+        self.layers: list[dict] = [{} for _ in range(n_layers)]
+        self.segments: torch.Tensor | None = None  # (B, L) segment id of every cached position
+
+    @property
+    def length(self) -> int:
+        return 0 if self.segments is None else self.segments.shape[1]
 
 
 class Transformer(nn.Module):
@@ -159,16 +180,32 @@ class Transformer(nn.Module):
             block.ffn.w3.weight.mul_((2 * self.cfg.n_layers) ** -0.5)
 
     def forward(self, tokens: torch.Tensor, segment_ids: torch.Tensor | None = None,
-                memory: FetchedMemory | None = None, last_n: int | None = None) -> torch.Tensor:
+                memory: FetchedMemory | None = None, last_n: int | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab). segment_ids (B, T): documents in a packed row.
 
         last_n: only compute the logits of the last n positions (scoring and generation need no more).
+        cache: a `KVCache` for incremental decoding (see there).
         """
-        attn_mask = None if segment_ids is None else document_attention_mask(segment_ids)
+        offset = 0
+        if cache is not None and cache.length:
+            offset = cache.length
+            new_segments = cache.segments[:, -1:].expand(-1, tokens.shape[1])  # continue each row's document
+            keys = torch.cat([cache.segments, new_segments], dim=1)
+            attn_mask = (keys[:, None, :] == new_segments[:, :, None])
+            attn_mask &= torch.ones(tokens.shape[1], keys.shape[1], dtype=torch.bool,
+                                    device=tokens.device).tril(diagonal=offset)
+            attn_mask = attn_mask[:, None]
+            cache.segments = keys
+        else:
+            if cache is not None:
+                cache.segments = segment_ids if segment_ids is not None else torch.zeros_like(tokens)
+            attn_mask = None if segment_ids is None else document_attention_mask(segment_ids)
         x = self.embed(tokens)
         for i, block in enumerate(self.blocks):
             mem = memory.for_layer(i) if memory is not None else None
-            x = block(x, self.rotary, attn_mask, mem, memory)
+            x = block(x, self.rotary, attn_mask, mem, memory, cache.layers[i] if cache is not None else None,
+                      offset)
         x = self.norm(x if last_n is None else x[:, -last_n:])
         weight = self.embed.weight if self.head is None else self.head.weight
         return F.linear(x, weight)

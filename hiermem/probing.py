@@ -15,7 +15,7 @@ import re
 import numpy as np
 import torch
 
-from hiermem.model import HierMemLM
+from hiermem.model import HierMemLM, KVCache
 from hiermem.stepper import next_token_loss
 
 _INTEGER = re.compile(r"-?\d+")
@@ -51,24 +51,37 @@ def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def greedy_generate(model: HierMemLM, prompts: list[list[int]], memory: MemoryChoice, max_new_tokens: int,
-                    pad_id: int, batch_size: int = 64) -> list[list[int]]:
-    """Greedy continuation of each prompt (no KV cache: prompts and answers are short)."""
+def greedy_generate(model: HierMemLM, prompts: list[list[int]], memory: MemoryChoice,
+                    max_new_tokens: int | list[int], pad_id: int, batch_size: int = 64) -> list[list[int]]:
+    """Greedy continuation of each prompt, decoding one token per step with a KV cache.
+
+    max_new_tokens: one budget for all prompts, or one per prompt (e.g. the answer's length + 1);
+    prompts are batched by budget so short answers do not pay for long ones. The memory of a batch
+    is fetched once and reused at every generation step.
+    """
     device = next(model.parameters()).device
     max_len = model.model_cfg.max_seq_len
-    out: list[list[int]] = []
+    budgets = np.broadcast_to(np.asarray(max_new_tokens, dtype=np.int64), (len(prompts),))
+    order = np.argsort(budgets, kind="stable")
+    out: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(prompts), batch_size):
-        index = np.arange(start, min(start + batch_size, len(prompts)))
-        batch = [list(prompts[i][-(max_len - max_new_tokens):]) for i in index]
-        kwargs = memory.rows(index, device)
+        index = order[start:start + batch_size]
+        steps = int(budgets[index].max())
+        batch = [list(prompts[i][-(max_len - steps):]) for i in index]
+        rows = memory.rows(index, device)
+        fetched = model.fetch(rows.get("paths"), rows.get("use_generic"), rows.get("blocked"))
         generated = [[] for _ in index]
-        for _ in range(max_new_tokens):
-            tokens, segments = _left_pad([b + g for b, g in zip(batch, generated)], pad_id)
-            logits = model(tokens.to(device), segments.to(device), last_n=1, **kwargs)
-            next_ids = logits[:, -1].argmax(dim=-1).tolist()
-            for g, t in zip(generated, next_ids):
+        cache = KVCache(model.model_cfg.n_layers)
+        tokens, segments = _left_pad(batch, pad_id)
+        tokens, segments = tokens.to(device), segments.to(device)
+        for _ in range(steps):
+            logits = model.anchor(tokens, segments, fetched, last_n=1, cache=cache)
+            next_ids = logits[:, -1].argmax(dim=-1)
+            for g, t in zip(generated, next_ids.tolist()):
                 g.append(t)
-        out.extend(generated)
+            tokens, segments = next_ids[:, None], None
+        for i, g in zip(index, generated):
+            out[i] = g[: int(budgets[i])]
     return out
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from hiermem.embed import Embedder
-from hiermem.retriever import (HierarchicalKMeans, TreeConfig, _balance, node_index, node_prefix,
-                               prefix_indices)
+from hiermem.kmeans import _balance
+from hiermem.retriever import HierarchicalKMeans, TreeConfig, node_index, node_prefix, prefix_indices
 
 
 def mixture(n, d=16, comps=12, seed=0, spread=0.6):
@@ -271,8 +271,9 @@ def test_route_texts_embeds_and_checks_the_embedder(tree):
 def test_fit_node_returns_the_nearest_assignment_of_its_centroids(caplog):
     # few EM steps and several polish steps: the returned assignment must still be exactly the
     # nearest-centroid assignment of the returned centroids (what routing will compute)
-    from hiermem.retriever import _fit_node, _nearest, _sqnorms
-    with caplog.at_level(logging.DEBUG, logger="hiermem.retriever"):
+    from hiermem.kmeans import _fit_node
+    from hiermem.routing import _nearest, _sqnorms
+    with caplog.at_level(logging.DEBUG, logger="hiermem.kmeans"):
         for seed in range(12):
             x, _ = mixture(700, d=8, comps=5, seed=seed, spread=0.3)
             cfg = TreeConfig(branching=8, depth=1, sample_size=200, em_steps=1, polish_steps=4)

@@ -1,0 +1,154 @@
+"""Balanced k-means for one tree node: k-means++ seeding and EM on sampled subsets (paper App. C).
+
+At every assignment step a cluster holding more than `balance_factor / k` of the step's points is
+pooled with the smallest cluster and the pool is split evenly at random (Jegou et al.'s trick, as the
+paper does). See `hiermem.retriever` for the tree built from these node fits.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from hiermem.routing import _PIECE, _nearest, _sqnorms
+
+if TYPE_CHECKING:
+    from hiermem.retriever import TreeConfig
+
+log = logging.getLogger(__name__)
+
+_BALANCE_MIN = 4       # balancing needs >= 4 points per cluster: below that the 1.5/k cap is under one point
+
+
+# ----------------------------------------------------------------------------------------------
+# k-means with balancing, for one node
+
+def _kmeans_pp(xs: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding (D^2 sampling) on a sample of unit vectors."""
+    m = len(xs)
+    c = np.empty((k, xs.shape[1]), dtype=np.float32)
+    c[0] = xs[rng.integers(m)]
+    d2 = np.maximum(2.0 - 2.0 * (xs @ c[0]), 0.0)
+    for j in range(1, k):
+        cum = np.cumsum(d2, dtype=np.float64)
+        if cum[-1] <= 0:  # every point coincides with a chosen centroid
+            i = int(rng.integers(m))
+        else:
+            i = min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), m - 1)
+        c[j] = xs[i]
+        np.minimum(d2, np.maximum(2.0 - 2.0 * (xs @ c[j]), 0.0), out=d2)
+    return c
+
+
+def _balance(a: np.ndarray, k: int, factor: float, rng: np.random.Generator) -> np.ndarray:
+    """Paper's balancing: while a cluster holds more than factor/k of the points, its points and
+    those of the currently smallest cluster are pooled and split evenly at random between the two.
+
+    Each split lowers the sum of squared cluster sizes by at least (m/2k)^2 / 2, so the loop ends
+    within 8k^2 splits (in practice a handful)."""
+    counts = np.bincount(a, minlength=k)
+    limit = factor * len(a) / k
+    for _ in range(8 * k * k):
+        big = int(counts.argmax())
+        if counts[big] <= limit:
+            break
+        small = int(counts.argmin())
+        members = rng.permutation(np.flatnonzero((a == big) | (a == small)))
+        half = len(members) // 2
+        a[members[:half]] = small
+        a[members[half:]] = big
+        counts[small], counts[big] = half, len(members) - half
+    return a
+
+
+def _onehot_sums(a: np.ndarray, xb: np.ndarray, k: int) -> np.ndarray:
+    """Per-cluster sums of the rows of `xb` assigned by `a` (a one-hot matmul beats np.add.at)."""
+    return (a[None, :] == np.arange(k)[:, None]).astype(np.float32) @ xb
+
+
+def _fit_node(x: np.ndarray, idx: np.ndarray, cfg: TreeConfig,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Split the node holding rows `idx` of the unit vectors `x`.
+
+    Returns (centroids (k, d), nearest-child assignment of every point of the node, balanced?).
+    """
+    k, m = cfg.branching, len(idx)
+    balance = m >= _BALANCE_MIN * k
+    full = m <= cfg.sample_size
+    if full:  # the whole node fits in one sample: every EM step sees all points
+        xs = np.take(x, idx, axis=0)
+    else:
+        perm = rng.permutation(m)
+        cursor = 0
+
+        def next_sample() -> np.ndarray:
+            nonlocal cursor, perm
+            if cursor + cfg.sample_size > m:  # every point seen once: start a new pass
+                perm, cursor = rng.permutation(m), 0
+            pick = np.sort(perm[cursor:cursor + cfg.sample_size])
+            cursor += cfg.sample_size
+            return np.take(x, idx[pick], axis=0)
+
+        xs = next_sample()
+    c = _kmeans_pp(xs, k, rng)
+    prev, sums = None, None
+    for step in range(cfg.em_steps):
+        if not full and step > 0:
+            xs = next_sample()
+        a = _nearest(xs, np.ascontiguousarray(c.T), _sqnorms(c))
+        if balance and np.bincount(a, minlength=k).max() > cfg.balance_factor * len(a) / k:
+            a = _balance(a, k, cfg.balance_factor, rng)
+        if full and prev is not None:
+            # same points every step: update the cluster sums with the points that moved only
+            moved = np.flatnonzero(a != prev)
+            if len(moved) == 0:
+                break  # fixed point of (balanced) Lloyd's iterations
+            xm = xs[moved]
+            sums -= _onehot_sums(prev[moved], xm, k)
+            sums += _onehot_sums(a[moved], xm, k)
+        else:
+            sums = _onehot_sums(a, xs, k)
+        prev = a
+        counts = np.bincount(a, minlength=k)
+        nz = counts > 0
+        c[nz] = sums[nz] / counts[nz, None]  # an empty cluster keeps its centroid
+
+    # Final nearest-child assignment of every point. The balancing above acts on the EM samples,
+    # so the nearest assignment of the whole node can still leave a child over the limit. Then
+    # "polish": the same balanced EM step on the whole node, at most `polish_steps` times, keeping
+    # the most balanced state seen. On smooth data this settles under the limit; a tight cluster
+    # just over the limit can keep it slightly above (logged; `level_stats` shows the max share).
+    limit = cfg.balance_factor * m / k
+    best = None
+    for it in range(cfg.polish_steps + 1):
+        ct, cn = np.ascontiguousarray(c.T), _sqnorms(c)
+        if full:
+            a = _nearest(xs, ct, cn)
+            sums = _onehot_sums(a, xs, k)
+        else:
+            a = np.empty(m, dtype=np.int64)
+            sums = np.zeros((k, x.shape[1]), dtype=np.float32)
+            for lo in range(0, m, _PIECE):
+                xb = np.take(x, idx[lo:lo + _PIECE], axis=0)
+                a[lo:lo + _PIECE] = _nearest(xb, ct, cn)
+                sums += _onehot_sums(a[lo:lo + _PIECE], xb, k)
+        counts = np.bincount(a, minlength=k)
+        if it:
+            log.debug("polish step %d: largest child %.4f of %d points", it, counts.max() / m, m)
+        if best is None or counts.max() < best[2]:
+            best = (c.copy(), a, counts.max())
+        if not balance or counts.max() <= limit or it == cfg.polish_steps:
+            break
+        before = a  # kept intact: `best` may hold it
+        a = _balance(a.copy(), k, cfg.balance_factor, rng)
+        moved = np.flatnonzero(a != before)
+        xm = np.take(x, idx[moved], axis=0)
+        sums -= _onehot_sums(before[moved], xm, k)
+        sums += _onehot_sums(a[moved], xm, k)
+        counts = np.bincount(a, minlength=k)
+        nz = counts > 0
+        c[nz] = sums[nz] / counts[nz, None]
+    c, a, biggest = best
+    return c, a, not balance or biggest <= limit

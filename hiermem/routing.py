@@ -1,0 +1,293 @@
+"""Greedy routing down a k-means tree: node addressing, vector checks and the vectorized router.
+
+`_Router` holds each level's child centroids; a batch of queries descends level by level, grouped
+by current node so that each group meets its node's k centroids in one BLAS matmul (first levels on
+cache-sized chunks, deeper levels on per-node blocks, on worker threads). `hiermem.retriever` wraps
+it in the public `HierarchicalKMeans`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 4096          # stage-A chunk (rows); 4096 x 384 floats stay in cache
+_PIECE = 16384         # largest block gathered at once in stage B / build assignment
+_MIN_GROUP = 128       # stage A handles a level while its average group has this many rows
+_PARALLEL_MIN = 32768  # below this many queries, routing runs on the calling thread
+_UNIT_TOL = 1e-4       # rows whose norm is within this of 1 count as unit vectors
+
+
+# ----------------------------------------------------------------------------------------------
+# node addressing
+
+def node_index(prefix: Sequence[int], k: int) -> int:
+    """Flat row-major index of the node with path prefix (i1..il): sum_j i_j * k**(l-1-j)."""
+    idx = 0
+    for i in prefix:
+        i = int(i)
+        if not 0 <= i < k:
+            raise ValueError(f"path entry {i} outside [0, {k}) in prefix {tuple(prefix)}")
+        idx = idx * k + i
+    return idx
+
+
+def node_prefix(index: int, level: int, k: int) -> tuple[int, ...]:
+    """Inverse of `node_index`: the length-`level` prefix of flat index `index`."""
+    if not 0 <= index < k ** level:
+        raise ValueError(f"node index {index} outside [0, {k}**{level})")
+    out = []
+    for _ in range(level):
+        index, r = divmod(index, k)
+        out.append(r)
+    return tuple(reversed(out))
+
+
+def prefix_indices(paths: np.ndarray, level: int, k: int) -> np.ndarray:
+    """Flat indices (int64) of the level-`level` nodes of many paths (n, depth)."""
+    paths = np.asarray(paths)
+    flat = np.zeros(len(paths), dtype=np.int64)
+    for j in range(level):
+        flat = flat * k + paths[:, j]
+    return flat
+
+
+# ----------------------------------------------------------------------------------------------
+# input checks
+
+def _check_vectors(vectors: np.ndarray, dim: int | None, what: str) -> np.ndarray:
+    x = np.asarray(vectors)
+    if x.ndim != 2:
+        raise ValueError(f"{what}: expected a 2-D array (n, dim), got shape {x.shape}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{what}: expected dimension {dim}, got {x.shape[1]}")
+    if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
+        raise ValueError(f"{what}: expected real numbers, got dtype {x.dtype}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _row_norms(x: np.ndarray, what: str, offset: int = 0) -> np.ndarray:
+    """L2 norms (float32) of the rows of `x`; NaN/inf and zero rows raise ValueError."""
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    bad = ~np.isfinite(norms) | (norms == 0)
+    if bad.any():
+        first = int(np.argmax(bad))
+        kind = "a zero vector" if np.isfinite(norms[first]) else "NaN/inf"
+        raise ValueError(f"{what}: {int(bad.sum())} rows are NaN/inf or zero vectors "
+                         f"(first: row {first + offset}, {kind}); they cannot be routed")
+    return norms
+
+
+def _unit_rows(x: np.ndarray, norms: np.ndarray, inplace: bool = False) -> np.ndarray:
+    """Rows of `x` divided by their norms, except rows already unit-norm to 1e-4, kept as they are
+    (embedders emit unit rows; skipping them saves a pass over the data). Build and route both go
+    through this function, so a vector gets bitwise the same row, and path, in both. Returns `x`
+    itself when no row needs scaling or when `inplace`."""
+    scale = np.abs(norms - 1.0) > _UNIT_TOL
+    if not scale.any():
+        return x
+    out = x if inplace else x.copy()
+    out[scale] /= norms[scale, None]
+    return out
+
+
+def _group(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Stable grouping of equal keys: (order, starts, ends, key of each group)."""
+    if len(keys) == 0:
+        e = np.zeros(0, dtype=np.int64)
+        return e, e, e, e
+    small = keys.max() < 65536 and keys.min() >= 0
+    order = np.argsort(keys.astype(np.uint16) if small else keys, kind="stable")
+    sk = keys[order]
+    cuts = np.flatnonzero(sk[1:] != sk[:-1]) + 1
+    starts = np.concatenate(([0], cuts))
+    ends = np.concatenate((cuts, [len(keys)]))
+    return order, starts, ends, sk[starts]
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _blas_single_thread(enabled: bool):
+    """Limit BLAS to one thread while our own worker threads run (avoids oversubscription)."""
+    if not enabled:
+        return nullcontext()
+    from threadpoolctl import threadpool_limits
+    return threadpool_limits(1, user_api="blas")
+
+
+def _sqnorms(c: np.ndarray) -> np.ndarray:
+    """Squared norms of centroids (..., k, d) -> (..., k), summed in float64 so that build and
+    route get the same float32 values whatever the array shape."""
+    return np.einsum("...kd,...kd->...k", c, c, dtype=np.float64).astype(np.float32)
+
+
+def _nearest(xb: np.ndarray, ct: np.ndarray, cn: np.ndarray, sbuf: np.ndarray | None = None) -> np.ndarray:
+    """Index of the nearest centroid for unit rows `xb` (m, d); `ct` (d, k) contiguous, `cn` (k,).
+    The one scoring routine of build and route: ||c||^2 - 2 <x, c> (= squared L2 distance - 1)."""
+    s = np.matmul(xb, ct, out=None if sbuf is None else sbuf[:len(xb)])
+    s *= -2.0
+    s += cn
+    return s.argmin(axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# tree levels and the router
+
+@dataclass
+class _Level:
+    """Parent nodes at one level (prefix length l) and their k children each."""
+
+    node_ids: np.ndarray   # (R,) int64, sorted flat indices of the parent nodes that exist
+    centroids: np.ndarray  # (R, k, d) float32 child centroids
+    counts: np.ndarray     # (R, k) int64 training points per child (0 = never routed to)
+    split: np.ndarray      # (R,) bool; False = under-filled node, everything goes to child 0
+
+
+class _Router:
+    """Precomputed arrays for greedy descent over a list of levels.
+
+    Scores are ||c||^2 - 2 <x, c> for unit rows x, i.e. squared L2 distance minus the constant
+    ||x||^2 = 1; unusable children (no points, or blocked) get +inf.
+    """
+
+    def __init__(self, levels: list[_Level], k: int, dead: list[np.ndarray] | None = None):
+        self.k = k
+        self.depth = len(levels)
+        self.ct = [np.ascontiguousarray(lv.centroids.transpose(0, 2, 1)) for lv in levels]
+        self.cn = []
+        for li, lv in enumerate(levels):
+            cn = _sqnorms(lv.centroids)
+            unusable = lv.counts == 0
+            if dead is not None:
+                unusable = unusable | dead[li]
+            cn[unusable] = np.inf
+            self.cn.append(cn)
+        self.lookup = []
+        for lv in levels:
+            size = int(lv.node_ids.max()) + 1 if len(lv.node_ids) else 0
+            if size <= 1 << 24:
+                table = np.full(size, -1, dtype=np.int32)
+                table[lv.node_ids] = np.arange(len(lv.node_ids), dtype=np.int32)
+                self.lookup.append(table)
+            else:
+                self.lookup.append(None)
+        self.node_ids = [lv.node_ids for lv in levels]
+        self._local = threading.local()
+
+    def rows(self, level: int, flat: np.ndarray) -> np.ndarray:
+        table = self.lookup[level]
+        if table is not None:
+            r = table[flat]
+        else:
+            ids = self.node_ids[level]
+            r = np.minimum(np.searchsorted(ids, flat), len(ids) - 1)
+            r[ids[r] != flat] = -1
+        if len(r) and r.min() < 0:
+            raise RuntimeError("routing reached a node that does not exist (corrupt tree)")
+        return r
+
+    def _buffer(self, name: str, m: int, width: int) -> np.ndarray:
+        """Per-thread scratch array (m, width), reused across calls to avoid page faults."""
+        buf = getattr(self._local, name, None)
+        if buf is None or len(buf) < m:
+            buf = np.empty((max(m, 1024), width), dtype=np.float32)
+            setattr(self._local, name, buf)
+        return buf[:m]
+
+    def _choose(self, xb: np.ndarray, level: int, row: int, sbuf: np.ndarray) -> np.ndarray:
+        return _nearest(xb, self.ct[level][row], self.cn[level][row], sbuf)
+
+    def step(self, xb: np.ndarray, level: int, rows: np.ndarray) -> np.ndarray:
+        """Child choice at `level` for the unit rows of block `xb` whose parents are `rows`."""
+        m = len(xb)
+        out = np.empty(m, dtype=np.int64)
+        if m == 0:
+            return out
+        if rows.min() == rows.max():  # one parent: the block is already contiguous
+            sbuf = self._buffer("scores", min(m, _PIECE), self.k)
+            for lo in range(0, m, _PIECE):
+                hi = min(m, lo + _PIECE)
+                out[lo:hi] = self._choose(xb[lo:hi], level, int(rows[0]), sbuf)
+            return out
+        order, starts, ends, keys = _group(rows)
+        big = int((ends - starts).max())
+        xbuf, sbuf = self._buffer("group", big, xb.shape[1]), self._buffer("scores", big, self.k)
+        for s, e, r in zip(starts, ends, keys):
+            gi = order[s:e]
+            xg = np.take(xb, gi, axis=0, out=xbuf[:e - s])
+            out[gi] = self._choose(xg, level, int(r), sbuf)
+        return out
+
+    def descend(self, xb: np.ndarray, flat: np.ndarray, lo: int, hi: int, paths: np.ndarray) -> np.ndarray:
+        """Levels lo..hi-1 for block `xb` (parents `flat` at level lo); fills paths[:, lo:hi]."""
+        for level in range(lo, hi):
+            c = self.step(xb, level, self.rows(level, flat))
+            paths[:, level] = c
+            flat = flat * self.k + c
+        return flat
+
+    def route(self, x: np.ndarray, threads: int) -> np.ndarray:
+        """Greedy paths (n, depth) for float32 rows `x` (normalized here, see `_unit_rows`).
+
+        Stage A walks cache-sized chunks of consecutive rows through the first levels, where a
+        chunk's rows still form large groups per node. Stage B gathers the rows of each node of
+        the last stage-A level into one block and walks it through the remaining levels,
+        regrouping inside the (cache-resident) block. Chunks and blocks run on `threads` threads.
+        """
+        n, k, depth = len(x), self.k, self.depth
+        paths = np.empty((n, depth), dtype=np.int64)
+        if n == 0:
+            return paths
+        # stage A: the first levels on cache-resident chunks (groups within a chunk stay large)
+        a = 1
+        while a < depth and _CHUNK / k ** a >= _MIN_GROUP:
+            a += 1
+        flat_a = np.empty(n, dtype=np.int64)
+        norms = np.empty(n, dtype=np.float32)
+        d = x.shape[1]
+
+        def stage_a(lo: int) -> None:
+            hi = min(n, lo + _CHUNK)
+            norms[lo:hi] = _row_norms(x[lo:hi], "route", lo)
+            xb = _unit_rows(x[lo:hi], norms[lo:hi])  # a view of x when its rows are unit vectors
+            flat_a[lo:hi] = self.descend(xb, np.zeros(hi - lo, dtype=np.int64), 0, a, paths[lo:hi])
+
+        # stage B: the remaining levels, one gather per level-a node, regrouping inside the gathered block
+        def stage_b(task: tuple[np.ndarray, int]) -> None:
+            gi, key = task
+            xb = np.take(x, gi, axis=0, out=self._buffer("block", len(gi), d))
+            _unit_rows(xb, norms[gi], inplace=True)
+            sub = np.empty((len(gi), depth), dtype=np.int64)
+            self.descend(xb, np.full(len(gi), key, dtype=np.int64), a, depth, sub)
+            paths[gi, a:] = sub[:, a:]
+
+        parallel = threads > 1 and n >= _PARALLEL_MIN
+        # BLAS threads only add synchronization to these small matmuls: one thread each
+        with _blas_single_thread(n > 1024), (ThreadPoolExecutor(threads) if parallel else nullcontext()) as pool:
+            run = pool.map if pool is not None else map
+            list(run(stage_a, range(0, n, _CHUNK)))
+            if a < depth:
+                order, starts, ends, keys = _group(flat_a)
+                tasks = [(order[s0:e0], int(key)) for s, e, key in zip(starts, ends, keys)
+                         for s0, e0 in _pieces(s, e)]
+                tasks.sort(key=lambda t: -len(t[0]))
+                list(run(stage_b, tasks))
+        return paths
+
+
+def _pieces(s: int, e: int) -> list[tuple[int, int]]:
+    return [(p, min(e, p + _PIECE)) for p in range(s, e, _PIECE)]
