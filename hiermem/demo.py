@@ -7,7 +7,7 @@
 3. trains FFN memories of about 10% of the anchor on it, frozen (A3) and co-trained (A2);
 4. trains a dense baseline with the same runtime parameters (SwiGLU widened by the fetched units,
    as many tokens as anchor + memory training) and one with about 2x the anchor's parameters
-   (6 layers instead of 2, trained on the anchor's budget: the paper compares A2 with B1 so);
+   (deeper at the same width, trained on the anchor's budget: the paper compares A2 with B1 so);
 5. evaluates every model in every memory mode and prints a compact table, also written to
    results/demo/summary.csv (one row per model and mode).
 
@@ -58,6 +58,14 @@ def demo_data(scale: DemoScale, root: str) -> DataConfig:
     return base.replace(corpus=corpus)
 
 
+def layers_for_double(anchor: str, vocab_size: int) -> int:
+    """Depth at the anchor's width that gives about twice the anchor's parameters (embeddings included)."""
+    cfg = model_preset(anchor, vocab_size=vocab_size)
+    acc = count(cfg)
+    per_layer = (acc.anchor_non_embedding_params - cfg.d_model) / cfg.n_layers
+    return max(cfg.n_layers + 1, round((2 * acc.anchor_params - acc.embedding_params - cfg.d_model) / per_layer))
+
+
 def demo_runs(scale: DemoScale, data: DataConfig, runs_dir: Path) -> dict[str, TrainConfig]:
     """The five runs of the demo, in training order (names double as run directory names)."""
     k = data.tree.branching
@@ -78,8 +86,8 @@ def demo_runs(scale: DemoScale, data: DataConfig, runs_dir: Path) -> dict[str, T
                                       tokens=scale.memory_tokens, optim=mem, **common),
         "dense-same-active": TrainConfig(stage="pretrain", tokens=total_tokens, optim=pre,
                                          model={"ffn_dim": model_preset(anchor).ffn_dim + fetched_units}, **common),
-        "dense-2x": TrainConfig(stage="pretrain", tokens=scale.anchor_tokens, optim=pre, model={"n_layers": 6},
-                                **common),
+        "dense-2x": TrainConfig(stage="pretrain", tokens=scale.anchor_tokens, optim=pre,
+                                model={"n_layers": layers_for_double(anchor, data.corpus.vocab_size)}, **common),
     }
 
 

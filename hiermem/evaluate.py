@@ -225,11 +225,14 @@ def heldout_perplexity(model: HierMemLM, data: DataBundle, cfg: EvalConfig, mode
 
 
 def select_probes(probes: pd.DataFrame, per_relation: int, seed: int) -> pd.DataFrame:
-    """All probes, or a seeded sample of at most `per_relation` per relation (order kept)."""
+    """All probes, or a seeded sample of at most `per_relation` per relation, spread evenly over the
+    relation's frequency buckets so that every bucket stays represented (original order kept)."""
     if per_relation <= 0:
         return probes.reset_index(drop=True)
-    keep = (probes.groupby("relation", group_keys=False)
-            .apply(lambda g: g.sample(min(len(g), per_relation), random_state=seed)).index)
+    shuffled = probes.sample(frac=1.0, random_state=seed)
+    rank_in_bucket = shuffled.groupby(["relation", "bucket"]).cumcount()
+    order = shuffled.assign(_rank=rank_in_bucket).sort_values("_rank", kind="stable")
+    keep = order.groupby("relation").head(per_relation).index
     return probes.loc[sorted(keep)].reset_index(drop=True)
 
 

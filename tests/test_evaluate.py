@@ -84,3 +84,15 @@ def test_left_padding_scores_like_the_prompt_alone(memory_run):
     assert gen[1] == greedy_generate(model, prompts[1:], MemoryChoice(paths=paths[1:]), 3, pad_id=1)[0]
     with torch.no_grad():
         assert len(gen[0]) == 3
+
+
+def test_probe_sample_keeps_every_bucket():
+    from hiermem.evaluate import select_probes
+    probes = pd.DataFrame({"relation": ["a"] * 50 + ["b"] * 10,
+                           "bucket": ["b0"] * 40 + ["b1"] * 5 + ["b2"] * 5 + ["b0"] * 10,
+                           "probe_id": range(60)})
+    picked = select_probes(probes, 6, seed=0)
+    assert picked.groupby("relation").size().to_dict() == {"a": 6, "b": 6}
+    assert picked[picked.relation == "a"].groupby("bucket").size().to_dict() == {"b0": 2, "b1": 2, "b2": 2}
+    assert list(picked["probe_id"]) == sorted(picked["probe_id"])
+    assert len(select_probes(probes, 0, seed=0)) == 60
