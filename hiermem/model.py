@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hiermem.config import MemoryConfig, ModelConfig
+from hiermem.data.packing import document_attention_mask
 from hiermem.memory import ActiveRows, FetchedMemory, MemoryBank, ffn_memory, kv_memory_attention, lora_delta
 
 
@@ -129,14 +130,6 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x), mem, alpha)
 
 
-def document_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) segment ids -> (B, 1, T, T) bool mask: causal and within the same document."""
-    t = segment_ids.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (same & causal)[:, None]
-
-
 class KVCache:
     """Keys and values of every layer, for greedy decoding that feeds one new token per step.
 
@@ -200,7 +193,7 @@ class Transformer(nn.Module):
         else:
             if cache is not None:
                 cache.segments = segment_ids if segment_ids is not None else torch.zeros_like(tokens)
-            attn_mask = None if segment_ids is None else document_attention_mask(segment_ids)
+            attn_mask = None if segment_ids is None else document_attention_mask(segment_ids)[:, None]
         x = self.embed(tokens)
         for i, block in enumerate(self.blocks):
             mem = memory.for_layer(i) if memory is not None else None

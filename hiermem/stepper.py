@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from hiermem.data.packing import loss_mask
 from hiermem.model import HierMemLM
 from hiermem.optim import SparseBankAdamW
 
@@ -31,10 +32,7 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, segment_ids: tor
     targets = tokens[:, 1:]
     losses = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                              reduction="none").view_as(targets)
-    if segment_ids is None:
-        mask = torch.ones_like(targets, dtype=torch.bool)
-    else:
-        mask = (segment_ids[:, :-1] == segment_ids[:, 1:]) & (segment_ids[:, :-1] >= 0)
+    mask = torch.ones_like(targets, dtype=torch.bool) if segment_ids is None else loss_mask(segment_ids)
     losses = losses * mask
     if reduction == "none":
         return losses
