@@ -7,7 +7,7 @@ sparse bank optimizer; the dense model's SwiGLU is widened by the fetched units,
 matmul FLOPs per token. Prints the median step times and their ratio; the last line is JSON with
 `ratio_vs_dense_equal_flops` (target on CPU: <= 1.15).
 
-    python bench/step_time.py [--depth 4] [--batch 8] [--seq-len 256] [--steps 12]
+    python bench/step_time.py [--depth 4] [--batch 8] [--seq-len 256] [--steps 12] [--device cuda]
 """
 
 from __future__ import annotations
@@ -43,7 +43,11 @@ def main() -> None:
     parser.add_argument("--branching", type=int, default=8)
     parser.add_argument("--tree-depth", type=int, default=3, help="levels of the bank (leaves = k^depth)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (bf16 autocast on CUDA, as in training)")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device: CUDA requested but torch.cuda.is_available() is False")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -57,7 +61,7 @@ def main() -> None:
     dense_acc = count(dense_cfg, seq_len=args.seq_len)
     assert mem_acc.flops_per_token == dense_acc.flops_per_token, "the two models must do the same FLOPs"
 
-    memory_model, dense_model = HierMemLM(anchor_cfg, memory_cfg), HierMemLM(dense_cfg)
+    memory_model, dense_model = HierMemLM(anchor_cfg, memory_cfg).to(device), HierMemLM(dense_cfg).to(device)
     steppers = {
         "memory": TrainStepper(memory_model, lr=1e-3, bank_lr=1e-3, weight_decay=0.0, bank_weight_decay=1e-3),
         "dense": TrainStepper(dense_model, lr=1e-3, weight_decay=0.0),
@@ -69,14 +73,20 @@ def main() -> None:
         tokens = torch.randint(0, anchor_cfg.vocab_size, (args.batch, args.seq_len), generator=g)
         segments = torch.zeros_like(tokens)
         paths = torch.randint(0, args.branching, (args.batch, args.tree_depth), generator=g)
-        return tokens, segments, paths
+        return tokens.to(device), segments.to(device), paths.to(device)
+
+    def sync() -> None:  # CUDA kernels run asynchronously: time to completion
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     times: dict[str, list[float]] = {"memory": [], "dense": []}
     for step in range(args.steps + 2):
         for name in ("memory", "dense") if step % 2 == 0 else ("dense", "memory"):
             tokens, segments, paths = batch()
+            sync()
             start = time.perf_counter()
             steppers[name].step(tokens, segments, paths if name == "memory" else None)
+            sync()
             if step >= 2:  # the first steps warm allocator and kernels
                 times[name].append(time.perf_counter() - start)
     median = {k: statistics.median(v) for k, v in times.items()}
@@ -86,14 +96,16 @@ def main() -> None:
           f"bank {mem_acc.bank_params:,}")
     print(f"dense equal-FLOPs model: ffn_dim {dense_cfg.ffn_dim}; training FLOPs/token "
           f"{dense_acc.flops_per_token:,} (both)")
-    print(f"batch {args.batch} x {args.seq_len} tokens, {args.steps} timed steps each, {args.threads} threads")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
+    print(f"batch {args.batch} x {args.seq_len} tokens, {args.steps} timed steps each, on {where}")
     for name in ("memory", "dense"):
         tok_s = args.batch * args.seq_len / median[name]
         print(f"  {name:7s} median step {median[name] * 1e3:8.1f} ms   ({tok_s:,.0f} tokens/s)")
     print(f"  ratio memory / dense = {ratio:.3f}  (target <= 1.15)")
     print(json.dumps({"ratio_vs_dense_equal_flops": round(ratio, 4), "memory_step_s": round(median["memory"], 5),
                       "dense_step_s": round(median["dense"], 5), "fetched_params": mem_acc.fetched_params,
-                      "anchor_params": anchor_params, "bank_params": mem_acc.bank_params, "leaves": leaves}))
+                      "anchor_params": anchor_params, "bank_params": mem_acc.bank_params, "leaves": leaves,
+                      "device": str(device)}))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """`hiermem` command line.
 
 Each command lives beside the code it drives and exposes `register(subparsers)`; this file only
-collects them, so that `hiermem --help` stays fast (heavy imports happen inside the handlers).
+collects them. Only the module of the command being run is imported, so `hiermem count` needs
+torch alone (no datasets, faiss or pandas); `hiermem --help` imports them all to list every command.
 
     hiermem count   --anchor openlm-160m --memory 256,64,16,0 [--json]   how big is this?
     hiermem data    build | stats                                          corpus, probes, routing
@@ -18,23 +19,25 @@ import argparse
 import importlib
 import sys
 
-# module paths that define `register(subparsers)`; order is the order shown in --help
-COMMAND_MODULES = (
-    "hiermem.accounting",
-    "hiermem.data.cli",
-    "hiermem.train",
-    "hiermem.evaluate",
-    "hiermem.sweep_cli",
-    "hiermem.demo",
-    "hiermem.notebooks",
-)
+# command -> module that defines `register(subparsers)`; order is the order shown in --help
+COMMANDS = {
+    "count": "hiermem.accounting",
+    "data": "hiermem.data.cli",
+    "train": "hiermem.train",
+    "eval": "hiermem.evaluate",
+    "sweep": "hiermem.sweep_cli",
+    "demo": "hiermem.demo",
+    "notebooks": "hiermem.notebooks",
+}
+COMMAND_MODULES = tuple(COMMANDS.values())
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every command, or with `command` alone when it is a known one."""
     parser = argparse.ArgumentParser(prog="hiermem", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in ((COMMANDS[command],) if command in COMMANDS else COMMAND_MODULES):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
@@ -48,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

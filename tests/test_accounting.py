@@ -92,3 +92,16 @@ def test_count_cli_table_and_errors(capsys):
     assert "unknown anchor preset" in capsys.readouterr().err
     assert main(["count", "--memory", "256,x"]) == 1
     assert "multipliers" in capsys.readouterr().err
+
+
+def test_count_cli_imports_only_its_own_command():
+    """`hiermem count` must work where only torch is installed: no data/sweep stack is imported."""
+    import subprocess
+    import sys
+    code = ("import sys; from hiermem.cli import main; "
+            "main(['count', '--anchor', 'tiny-d2', '--memory', '8,4', '--json']); "
+            "heavy = {'datasets', 'faiss', 'pandas', 'ray', 'scipy'} & {m.split('.')[0] for m in sys.modules}; "
+            "assert not heavy, heavy")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert '"fetched_params"' in done.stdout
