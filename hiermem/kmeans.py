@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hiermem.routing import _PIECE, _nearest, _sqnorms
+from hiermem.routing import _PIECE, _nearest, _scorer, _sqnorms
 
 if TYPE_CHECKING:
     from hiermem.retriever import TreeConfig
@@ -78,7 +78,7 @@ def _fit_node(x: np.ndarray, idx: np.ndarray, cfg: TreeConfig,
     balance = m >= _BALANCE_MIN * k
     full = m <= cfg.sample_size
     if full:  # the whole node fits in one sample: every EM step sees all points
-        xs = np.take(x, idx, axis=0)
+        xs = np.take(x, idx, axis=0, mode="clip")  # clip: no per-row bounds check (~2x faster)
     else:
         perm = rng.permutation(m)
         cursor = 0
@@ -89,7 +89,7 @@ def _fit_node(x: np.ndarray, idx: np.ndarray, cfg: TreeConfig,
                 perm, cursor = rng.permutation(m), 0
             pick = np.sort(perm[cursor:cursor + cfg.sample_size])
             cursor += cfg.sample_size
-            return np.take(x, idx[pick], axis=0)
+            return np.take(x, idx[pick], axis=0, mode="clip")
 
         xs = next_sample()
     c = _kmeans_pp(xs, k, rng)
@@ -97,7 +97,7 @@ def _fit_node(x: np.ndarray, idx: np.ndarray, cfg: TreeConfig,
     for step in range(cfg.em_steps):
         if not full and step > 0:
             xs = next_sample()
-        a = _nearest(xs, np.ascontiguousarray(c.T), _sqnorms(c))
+        a = _nearest(xs, _scorer(c), _sqnorms(c))
         if balance and np.bincount(a, minlength=k).max() > cfg.balance_factor * len(a) / k:
             a = _balance(a, k, cfg.balance_factor, rng)
         if full and prev is not None:
@@ -123,7 +123,7 @@ def _fit_node(x: np.ndarray, idx: np.ndarray, cfg: TreeConfig,
     limit = cfg.balance_factor * m / k
     best = None
     for it in range(cfg.polish_steps + 1):
-        ct, cn = np.ascontiguousarray(c.T), _sqnorms(c)
+        ct, cn = _scorer(c), _sqnorms(c)
         if full:
             a = _nearest(xs, ct, cn)
             sums = _onehot_sums(a, xs, k)
@@ -131,7 +131,7 @@ def _fit_node(x: np.ndarray, idx: np.ndarray, cfg: TreeConfig,
             a = np.empty(m, dtype=np.int64)
             sums = np.zeros((k, x.shape[1]), dtype=np.float32)
             for lo in range(0, m, _PIECE):
-                xb = np.take(x, idx[lo:lo + _PIECE], axis=0)
+                xb = np.take(x, idx[lo:lo + _PIECE], axis=0, mode="clip")
                 a[lo:lo + _PIECE] = _nearest(xb, ct, cn)
                 sums += _onehot_sums(a[lo:lo + _PIECE], xb, k)
         counts = np.bincount(a, minlength=k)
@@ -144,7 +144,7 @@ def _fit_node(x: np.ndarray, idx: np.ndarray, cfg: TreeConfig,
         before = a  # kept intact: `best` may hold it
         a = _balance(a.copy(), k, cfg.balance_factor, rng)
         moved = np.flatnonzero(a != before)
-        xm = np.take(x, idx[moved], axis=0)
+        xm = np.take(x, idx[moved], axis=0, mode="clip")
         sums -= _onehot_sums(before[moved], xm, k)
         sums += _onehot_sums(a[moved], xm, k)
         counts = np.bincount(a, minlength=k)

@@ -20,8 +20,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 4096          # stage-A chunk (rows); 4096 x 384 floats stay in cache
-_PIECE = 16384         # largest block gathered at once in stage B / build assignment
+_CHUNK = 2048          # stage-A chunk (rows): 2048 x 384 floats (3 MB) and their regrouped copy stay in cache
+_PIECE = 16384         # largest block scored at once (single-parent levels, build assignment)
+_BLOCK = 2048          # largest stage-B block: it and its regrouped copy (6 MB) stay in cache
 _MIN_GROUP = 128       # stage A handles a level while its average group has this many rows
 _PARALLEL_MIN = 32768  # below this many queries, routing runs on the calling thread
 _UNIT_TOL = 1e-4       # rows whose norm is within this of 1 count as unit vectors
@@ -135,11 +136,16 @@ def _sqnorms(c: np.ndarray) -> np.ndarray:
     return np.einsum("...kd,...kd->...k", c, c, dtype=np.float64).astype(np.float32)
 
 
+def _scorer(c: np.ndarray) -> np.ndarray:
+    """-2 * centroids^T, contiguous: (..., k, d) -> (..., d, k). Scaling by -2 is exact in binary
+    floating point, so x @ (-2 c^T) equals -2 (x @ c^T) bit for bit, one pass fewer per level."""
+    return np.ascontiguousarray(np.swapaxes(c, -1, -2) * np.float32(-2.0))
+
+
 def _nearest(xb: np.ndarray, ct: np.ndarray, cn: np.ndarray, sbuf: np.ndarray | None = None) -> np.ndarray:
-    """Index of the nearest centroid for unit rows `xb` (m, d); `ct` (d, k) contiguous, `cn` (k,).
+    """Index of the nearest centroid for unit rows `xb` (m, d); `ct` = `_scorer(c)` (d, k), `cn` (k,).
     The one scoring routine of build and route: ||c||^2 - 2 <x, c> (= squared L2 distance - 1)."""
     s = np.matmul(xb, ct, out=None if sbuf is None else sbuf[:len(xb)])
-    s *= -2.0
     s += cn
     return s.argmin(axis=1)
 
@@ -167,7 +173,7 @@ class _Router:
     def __init__(self, levels: list[_Level], k: int, dead: list[np.ndarray] | None = None):
         self.k = k
         self.depth = len(levels)
-        self.ct = [np.ascontiguousarray(lv.centroids.transpose(0, 2, 1)) for lv in levels]
+        self.ct = [_scorer(lv.centroids) for lv in levels]
         self.cn = []
         for li, lv in enumerate(levels):
             cn = _sqnorms(lv.centroids)
@@ -223,13 +229,16 @@ class _Router:
                 hi = min(m, lo + _PIECE)
                 out[lo:hi] = self._choose(xb[lo:hi], level, int(rows[0]), sbuf)
             return out
+        # several parents: one gather into parent order, one matmul (+ norms) per parent on its
+        # contiguous slice, then one argmin and one scatter for the whole block (few numpy calls)
         order, starts, ends, keys = _group(rows)
-        big = int((ends - starts).max())
-        xbuf, sbuf = self._buffer("group", big, xb.shape[1]), self._buffer("scores", big, self.k)
-        for s, e, r in zip(starts, ends, keys):
-            gi = order[s:e]
-            xg = np.take(xb, gi, axis=0, out=xbuf[:e - s])
-            out[gi] = self._choose(xg, level, int(r), sbuf)
+        xg = np.take(xb, order, axis=0, out=self._buffer("group", m, xb.shape[1]), mode="clip")  # clip: ~2x faster
+        scores = self._buffer("scores", m, self.k)
+        ct, cn = self.ct[level], self.cn[level]
+        for s, e, r in zip(starts.tolist(), ends.tolist(), keys.tolist()):
+            np.matmul(xg[s:e], ct[r], out=scores[s:e])
+            scores[s:e] += cn[r]
+        out[order] = scores.argmin(axis=1)
         return out
 
     def descend(self, xb: np.ndarray, flat: np.ndarray, lo: int, hi: int, paths: np.ndarray) -> np.ndarray:
@@ -269,7 +278,7 @@ class _Router:
         # stage B: the remaining levels, one gather per level-a node, regrouping inside the gathered block
         def stage_b(task: tuple[np.ndarray, int]) -> None:
             gi, key = task
-            xb = np.take(x, gi, axis=0, out=self._buffer("block", len(gi), d))
+            xb = np.take(x, gi, axis=0, out=self._buffer("block", len(gi), d), mode="clip")
             _unit_rows(xb, norms[gi], inplace=True)
             sub = np.empty((len(gi), depth), dtype=np.int64)
             self.descend(xb, np.full(len(gi), key, dtype=np.int64), a, depth, sub)
@@ -290,4 +299,4 @@ class _Router:
 
 
 def _pieces(s: int, e: int) -> list[tuple[int, int]]:
-    return [(p, min(e, p + _PIECE)) for p in range(s, e, _PIECE)]
+    return [(p, min(e, p + _BLOCK)) for p in range(s, e, _BLOCK)]

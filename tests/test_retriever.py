@@ -272,11 +272,35 @@ def test_fit_node_returns_the_nearest_assignment_of_its_centroids(caplog):
     # few EM steps and several polish steps: the returned assignment must still be exactly the
     # nearest-centroid assignment of the returned centroids (what routing will compute)
     from hiermem.kmeans import _fit_node
-    from hiermem.routing import _nearest, _sqnorms
+    from hiermem.routing import _nearest, _scorer, _sqnorms
     with caplog.at_level(logging.DEBUG, logger="hiermem.kmeans"):
         for seed in range(12):
             x, _ = mixture(700, d=8, comps=5, seed=seed, spread=0.3)
             cfg = TreeConfig(branching=8, depth=1, sample_size=200, em_steps=1, polish_steps=4)
             c, a, _ = _fit_node(x, np.arange(len(x)), cfg, np.random.default_rng(seed))
-            np.testing.assert_array_equal(a, _nearest(x, np.ascontiguousarray(c.T), _sqnorms(c)))
+            np.testing.assert_array_equal(a, _nearest(x, _scorer(c), _sqnorms(c)))
     assert "polish step 2" in caplog.text  # the polish loop did run several steps
+
+
+def test_routing_equals_a_faiss_exact_search_descent():
+    """An independent reference: greedy descent with faiss's exact L2 search (IndexFlatL2) at each node."""
+    faiss = pytest.importorskip("faiss")
+    x, _ = mixture(3000, seed=5)
+    tree = HierarchicalKMeans.build(x, CFG, progress=False)
+    q, _ = mixture(2000, seed=6)
+    ref = np.zeros((len(q), tree.depth), dtype=np.int64)
+    flat = np.zeros(len(q), dtype=np.int64)
+    for level, lv in enumerate(tree.levels):
+        for node in np.unique(flat):
+            rows = np.flatnonzero(flat == node)
+            r = int(np.searchsorted(lv.node_ids, node))
+            usable = np.flatnonzero(lv.counts[r] > 0)
+            index = faiss.IndexFlatL2(x.shape[1])
+            index.add(np.ascontiguousarray(lv.centroids[r][usable]))
+            _, nearest = index.search(np.ascontiguousarray(q[rows]), 1)
+            ref[rows, level] = usable[nearest[:, 0]]
+        flat = flat * tree.branching + ref[:, level]
+    _, margin = brute_force(tree, q)
+    clear = margin > 1e-5  # float32 ties aside, both must agree
+    assert clear.mean() > 0.95
+    np.testing.assert_array_equal(tree.route(q)[clear], ref[clear])
