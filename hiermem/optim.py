@@ -11,8 +11,8 @@ table). The cost of a step is proportional to the blocks fetched, not to the ban
 
 Documented choice: a block's AdamW step counter (and so its bias correction) advances only on the steps
 where that block is fetched, and weight decay is applied only then. On the steps where a block is used,
-the update is exactly `torch.optim.AdamW`'s, as if that optimizer had seen only those steps' gradients
-(tested against torch in tests/test_optim.py).
+the update is `torch.optim.AdamW`'s (its fused kernel, run on views of the touched rows), as if that
+optimizer had seen only those steps' gradients (tested against torch in tests/test_optim.py).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch.optim.adamw import adamw
 
 from hiermem.memory import ActiveRows, MemoryBank
 
@@ -33,9 +34,9 @@ class _LevelState:
         self.slot_of: dict[int, int] = {}
         self.exp_avg = torch.zeros(0, numel, device=device, dtype=dtype)
         self.exp_avg_sq = torch.zeros(0, numel, device=device, dtype=dtype)
-        self.steps = torch.zeros(0, dtype=torch.long, device=device)
+        self.steps = torch.zeros(0, dtype=torch.float32, device=device)  # float: torch's fused AdamW
 
-    def slots(self, ids: list[int]) -> torch.Tensor:
+    def slots(self, ids: list[int]) -> list[int]:
         new = [i for i in ids if i not in self.slot_of]
         if new:
             start = len(self.slot_of)
@@ -47,13 +48,13 @@ class _LevelState:
                 self.exp_avg = _grow(self.exp_avg, capacity)
                 self.exp_avg_sq = _grow(self.exp_avg_sq, capacity)
                 self.steps = _grow(self.steps, capacity)
-        return torch.tensor([self.slot_of[i] for i in ids], dtype=torch.long, device=self.steps.device)
+        return [self.slot_of[i] for i in ids]
 
     def state_dict(self) -> dict:
         n = len(self.slot_of)
         order = sorted(self.slot_of, key=self.slot_of.get)
         return {"ids": torch.tensor(order, dtype=torch.long), "exp_avg": self.exp_avg[:n].clone(),
-                "exp_avg_sq": self.exp_avg_sq[:n].clone(), "steps": self.steps[:n].clone()}
+                "exp_avg_sq": self.exp_avg_sq[:n].clone(), "steps": self.steps[:n].round().long()}
 
     def load_state_dict(self, state: dict) -> None:
         ids = state["ids"].tolist()
@@ -61,7 +62,7 @@ class _LevelState:
         device = self.exp_avg.device
         self.exp_avg = state["exp_avg"].to(device).clone()
         self.exp_avg_sq = state["exp_avg_sq"].to(device).clone()
-        self.steps = state["steps"].to(device).clone()
+        self.steps = state["steps"].to(device=device, dtype=torch.float32).clone()
 
 
 def _grow(t: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -99,31 +100,32 @@ class SparseBankAdamW:
 
     @torch.no_grad()
     def step(self, active: dict[int, ActiveRows], lr: float | None = None) -> int:
-        """Apply AdamW to the active rows and write them back into the bank; returns rows updated."""
+        """Apply AdamW to the active rows, in place in the bank; returns the number of rows updated.
+
+        The update is torch's own fused AdamW (`torch.optim.adamw.adamw(fused=True)`) over a list of
+        row views -- bank rows, their gradients, their state rows and per-row step counters -- so no
+        state or parameter is gathered or scattered, and the whole step is a few kernel launches
+        (on CUDA the per-op version cost ~25% of a step). The bank rows still hold the values the
+        forward read: `gather` cloned them, and nothing writes the bank between gather and step.
+        """
         lr = self.lr if lr is None else lr
-        beta1, beta2 = self.betas
-        updated = 0
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for level, rows in active.items():
             if rows.rows.grad is None or not len(rows.ids):
                 continue
-            state = self.levels[level]
-            slots = state.slots(rows.ids.tolist())
-            grad = rows.rows.grad
-            param = rows.rows.detach().clone()
-            steps = state.steps[slots] + 1
-            state.steps[slots] = steps
-            exp_avg = state.exp_avg[slots].mul_(beta1).add_(grad, alpha=1 - beta1)
-            exp_avg_sq = state.exp_avg_sq[slots].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            state.exp_avg[slots], state.exp_avg_sq[slots] = exp_avg, exp_avg_sq
-            # bias corrections in float64, as torch computes them in Python floats
-            bias1 = 1 - beta1 ** steps.double()
-            bias2_sqrt = (1 - beta2 ** steps.double()).sqrt()
-            param.mul_(1 - lr * self.weight_decay)
-            denom = (exp_avg_sq.sqrt() / bias2_sqrt.to(param.dtype)[:, None]).add_(self.eps)
-            param.add_((exp_avg / denom) * (-lr / bias1).to(param.dtype)[:, None])
-            self.bank.levels[level].data[rows.ids] = param
-            updated += len(rows.ids)
-        return updated
+            state, bank, grad = self.levels[level], self.bank.levels[level].data, rows.rows.grad
+            ids = rows.ids.tolist()
+            for j, (node, slot) in enumerate(zip(ids, state.slots(ids))):
+                params.append(bank[node])
+                grads.append(grad[j])
+                exp_avgs.append(state.exp_avg[slot])
+                exp_avg_sqs.append(state.exp_avg_sq[slot])
+                steps.append(state.steps[slot])
+        if params:
+            adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, fused=True, amsgrad=False,
+                  beta1=self.betas[0], beta2=self.betas[1], lr=lr, weight_decay=self.weight_decay,
+                  eps=self.eps, maximize=False)
+        return len(params)
 
     def state_dict(self) -> dict:
         return {"levels": {level: s.state_dict() for level, s in self.levels.items()},
