@@ -390,11 +390,16 @@ def plot_blocking(table: pd.DataFrame, path: str | Path):
                            title="memory paths: routed, blocked subtree, wrong, oracle (95% CI)")
 
 
+def _key_order(data: pd.DataFrame, by: str) -> list:
+    """x order of a per-key table: buckets rarest first (else first-seen order), then "all"."""
+    keys = data.loc[data["by"] == by, "key"]
+    return (bucket_order(keys) if by == "bucket" else list(dict.fromkeys(keys))) + ["all"]
+
+
 def plot_memory_gain(gains: pd.DataFrame, path: str | Path, by: str = "bucket"):
     """`memory_gain` per run: gain over each baseline with bootstrap CI, per `by` key and overall."""
     data = gains[gains["by"].isin([by, "all"])].reset_index(drop=True)
-    order = (bucket_order(data.loc[data["by"] == by, "key"]) if by == "bucket"
-             else list(dict.fromkeys(data.loc[data["by"] == by, "key"]))) + ["all"]
+    order = _key_order(data, by)
     return _points_with_ci(data, path, x="key", y="gain", hue="baseline", x_order=order,
                            ylabel=f"gain in {data['metric'].iloc[0]}", zero_line=True, connect=False,
                            title="fetched memory minus baseline (bootstrap 95% CI)")
@@ -404,8 +409,7 @@ def plot_level_contribution(table: pd.DataFrame, path: str | Path, by: str = "bu
     """`level_contribution` per run: accuracy lost when each level is dropped, per `by` key and overall."""
     data = table[table["by"].isin([by, "all"])].reset_index(drop=True)
     data = data.assign(series=data["level"].map(lambda l: f"level {l}"))
-    order = (bucket_order(data.loc[data["by"] == by, "key"]) if by == "bucket"
-             else list(dict.fromkeys(data.loc[data["by"] == by, "key"]))) + ["all"]
+    order = _key_order(data, by)
     return _points_with_ci(data, path, x="key", y="drop", hue="series", x_order=order,
                            ylabel=f"drop in {data['metric'].iloc[0]}", zero_line=True, connect=False,
                            title="contribution of each memory level (bootstrap 95% CI)")

@@ -79,7 +79,7 @@ def test_memory_training_on_cuda_fits_a_batch():
 
 def test_kv_cache_decoding_on_cuda_matches_full_recompute():
     """Left-padded prompts decoded with the KV cache on CUDA give the logits of a full recompute."""
-    from hiermem.model import KVCache
+    from helpers import assert_cached_decoding_matches_recompute
 
     torch.manual_seed(0)
     cfg = tiny_config(2, vocab_size=128, max_seq_len=64)
@@ -91,14 +91,4 @@ def test_kv_cache_decoding_on_cuda_matches_full_recompute():
     tokens = torch.randint(0, 128, (2, 6), device="cuda")
     segments = torch.tensor([[-1, -1, 0, 0, 0, 0], [0] * 6], device="cuda")
     fetched = model.fetch(torch.tensor([[0, 1], [2, 3]], device="cuda"))
-    cache = KVCache(cfg.n_layers)
-    with torch.no_grad():
-        logits = model.anchor(tokens, segments, fetched, last_n=1, cache=cache)
-        full_tokens, full_segments = tokens, segments
-        for _ in range(3):
-            step = logits[:, -1].argmax(-1)[:, None]
-            full_tokens = torch.cat([full_tokens, step], dim=1)
-            full_segments = torch.cat([full_segments, full_segments[:, -1:]], dim=1)
-            logits = model.anchor(step, None, fetched, last_n=1, cache=cache)
-            reference = model.anchor(full_tokens, full_segments, fetched, last_n=1)
-            torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+    assert_cached_decoding_matches_recompute(model, tokens, segments, fetched, rtol=1e-4, atol=1e-4)

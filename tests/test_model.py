@@ -160,19 +160,9 @@ def test_gradients_reach_only_fetched_blocks_and_generic():
 
 @pytest.mark.parametrize("memory_type", MEMORY_TYPES)
 def test_kv_cache_decoding_equals_full_recompute(memory_type):
-    from hiermem.model import KVCache
+    from helpers import assert_cached_decoding_matches_recompute
     model = _model(memory_type)
     _perturb_bank(model)
     tokens, paths = _batch(b=3, t=7)
     segments = torch.tensor([[-1, -1, 0, 0, 0, 0, 0], [0] * 7, [-1, 0, 0, 0, 0, 0, 0]])  # left padding
-    fetched = model.fetch(paths)
-    cache = KVCache(CFG.n_layers)
-    logits = model.anchor(tokens, segments, fetched, last_n=1, cache=cache)
-    full_tokens, full_segments = tokens, segments
-    for _ in range(3):
-        step = logits[:, -1].argmax(-1)[:, None]
-        full_tokens = torch.cat([full_tokens, step], dim=1)
-        full_segments = torch.cat([full_segments, full_segments[:, -1:]], dim=1)
-        logits = model.anchor(step, None, fetched, last_n=1, cache=cache)
-        reference = model.anchor(full_tokens, full_segments, fetched, last_n=1)
-        torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+    assert_cached_decoding_matches_recompute(model, tokens, segments, model.fetch(paths))
