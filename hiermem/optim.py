@@ -34,7 +34,7 @@ class _LevelState:
         self.slot_of: dict[int, int] = {}
         self.exp_avg = torch.zeros(0, numel, device=device, dtype=dtype)
         self.exp_avg_sq = torch.zeros(0, numel, device=device, dtype=dtype)
-        self.steps = torch.zeros(0, dtype=torch.float32, device=device)  # float: torch's fused AdamW
+        self.steps = torch.zeros(0, dtype=torch.float32, device=device)  # float (torch's fused AdamW): exact to 2**24 steps
 
     def slots(self, ids: list[int]) -> list[int]:
         new = [i for i in ids if i not in self.slot_of]

@@ -18,8 +18,8 @@ first levels computed on cache-sized chunks (see `_Router`).
 
 Why not faiss for the search: with k = 16 centroids per node, faiss's exact search
 (`IndexFlatL2.search`, k=1) took 0.9-1.2x the time of our matmul + argmin on 2,048-row chunks but
-2.1-2.8x on the ~128-row per-node groups of the deeper levels (one thread); faiss.Kmeans has neither k-means++ seeding nor the per-step
-balancing. faiss serves as the independent reference in the tests (a descent with `IndexFlatL2`
+2.1-2.8x on the ~128-row per-node groups of the deeper levels (one thread); faiss.Kmeans has
+neither k-means++ seeding nor the per-step balancing. faiss serves as the independent reference in the tests (a descent with `IndexFlatL2`
 at every node gives the same paths) and `bench/retriever.py` prints the ratio.
 
 Addressing: a node at level l is its path prefix (i1..il); its flat index is

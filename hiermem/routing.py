@@ -142,12 +142,18 @@ def _scorer(c: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.swapaxes(c, -1, -2) * np.float32(-2.0))
 
 
-def _nearest(xb: np.ndarray, ct: np.ndarray, cn: np.ndarray, sbuf: np.ndarray | None = None) -> np.ndarray:
-    """Index of the nearest centroid for unit rows `xb` (m, d); `ct` = `_scorer(c)` (d, k), `cn` (k,).
-    The one scoring routine of build and route: ||c||^2 - 2 <x, c> (= squared L2 distance - 1)."""
-    s = np.matmul(xb, ct, out=None if sbuf is None else sbuf[:len(xb)])
+def _scores(xb: np.ndarray, ct: np.ndarray, cn: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """||c||^2 - 2 <x, c> (= squared L2 distance - 1) of unit rows `xb` (m, d) against the centroids
+    given as `ct` = `_scorer(c)` (d, k) and `cn` = `_sqnorms(c)` (k,): the one scoring routine of build
+    and route, so both give a vector the same path bit for bit."""
+    s = np.matmul(xb, ct, out=out)
     s += cn
-    return s.argmin(axis=1)
+    return s
+
+
+def _nearest(xb: np.ndarray, ct: np.ndarray, cn: np.ndarray, sbuf: np.ndarray | None = None) -> np.ndarray:
+    """Index of the nearest centroid for unit rows `xb` (see `_scores`)."""
+    return _scores(xb, ct, cn, None if sbuf is None else sbuf[:len(xb)]).argmin(axis=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,15 +235,14 @@ class _Router:
                 hi = min(m, lo + _PIECE)
                 out[lo:hi] = self._choose(xb[lo:hi], level, int(rows[0]), sbuf)
             return out
-        # several parents: one gather into parent order, one matmul (+ norms) per parent on its
-        # contiguous slice, then one argmin and one scatter for the whole block (few numpy calls)
+        # several parents: one gather into parent order, `_scores` per parent on its contiguous
+        # slice, then one argmin and one scatter for the whole block (few numpy calls)
         order, starts, ends, keys = _group(rows)
         xg = np.take(xb, order, axis=0, out=self._buffer("group", m, xb.shape[1]), mode="clip")  # clip: ~2x faster
         scores = self._buffer("scores", m, self.k)
         ct, cn = self.ct[level], self.cn[level]
         for s, e, r in zip(starts.tolist(), ends.tolist(), keys.tolist()):
-            np.matmul(xg[s:e], ct[r], out=scores[s:e])
-            scores[s:e] += cn[r]
+            _scores(xg[s:e], ct[r], cn[r], out=scores[s:e])
         out[order] = scores.argmin(axis=1)
         return out
 
