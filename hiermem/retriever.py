@@ -13,14 +13,16 @@ the training paths and equal what `route` returns for the same vectors.
 
 Routing is greedy: at each level a vector goes to the child whose centroid is nearest in L2
 distance, giving a path (i1, ..., ip) with entries in [0, k). It is vectorized: queries are grouped
-by their current node and each group meets its node's k centroids in one BLAS matmul, with the
-first levels computed on cache-sized chunks (see `_Router`).
+by their current node and each group meets its node's k centroids at once, in a small compiled
+kernel (`hiermem.native`, built on first use with the system C compiler) or, without one, in one
+BLAS matmul per group, with the first levels computed on cache-sized chunks (see `_Router`).
 
 Why not faiss for the search: with k = 16 centroids per node, faiss's exact search
-(`IndexFlatL2.search`, k=1) took 0.9-1.2x the time of our matmul + argmin on 2,048-row chunks but
-2.1-2.8x on the ~128-row per-node groups of the deeper levels (one thread); faiss.Kmeans has
-neither k-means++ seeding nor the per-step balancing. faiss serves as the independent reference in the tests (a descent with `IndexFlatL2`
-at every node gives the same paths) and `bench/retriever.py` prints the ratio.
+(`IndexFlatL2.search`, k=1) took 1.5-1.6x the time of our kernel on 2,048-row blocks and on the
+~128-row per-node groups of the deeper levels (one thread; against the BLAS path: 0.9-1.0x and
+2.1-2.8x); faiss.Kmeans has neither k-means++ seeding nor the per-step balancing. faiss serves as the
+independent reference in the tests (a descent with `IndexFlatL2` at every node gives the same paths)
+and `bench/retriever.py` prints the ratio.
 
 Addressing: a node at level l is its path prefix (i1..il); its flat index is
 `sum_j i_j * k**(l-1-j)` (row-major, `node_index`), the convention the memory bank uses.
