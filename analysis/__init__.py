@@ -40,13 +40,16 @@ __all__ = [
 
 # Knowledge attribution over probe tables (numpy/pandas only; its plots import seaborn when drawn).
 from .attribution import (CATEGORIES, accuracy_by_frequency, attribute_knowledge, attribution_shares,
-                          blocking_effect, bucket_order, level_contribution, load_eval_summary,
+                          blocking_effect, bucket_order, exposure_curve, level_contribution, load_eval_summary,
                           load_probe_results, memory_gain, plot_accuracy_by_frequency, plot_against_size,
-                          plot_attribution, plot_blocking, plot_level_contribution, plot_memory_gain)
+                          plot_attribution, plot_blocking, plot_exposure_curve, plot_level_contribution,
+                          plot_memory_gain)
+from .claims import demo_claims, format_claims
 
 __all__ += [
     "CATEGORIES", "accuracy_by_frequency", "attribute_knowledge", "attribution_shares", "blocking_effect",
     "bucket_order", "level_contribution", "load_eval_summary", "load_probe_results", "memory_gain",
     "plot_accuracy_by_frequency", "plot_against_size", "plot_attribution", "plot_blocking",
-    "plot_level_contribution", "plot_memory_gain",
+    "plot_level_contribution", "plot_memory_gain", "exposure_curve", "plot_exposure_curve", "demo_claims",
+    "format_claims",
 ]

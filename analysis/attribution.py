@@ -37,12 +37,12 @@ import pandas as pd
 
 # The evaluation modes in the order `hiermem.evaluate.BASE_MODES` defines them (not imported from
 # there: that module pulls in torch, and analysis stays numpy/pandas only). drop-level<l> follow.
-MODE_ORDER = ("none", "generic", "fetched", "fetched+blocked", "wrong-path", "oracle-path")
+MODE_ORDER = ("none", "generic", "fetched", "blocked-drop", "blocked-reroute", "wrong-path", "oracle-path")
 CATEGORIES = ("anchor", "memory-only", "generic-only", "lost", "neither")
-BOOLEAN_METRICS = ("correct", "mc_correct")
+BOOLEAN_METRICS = ("correct", "rank_correct", "mc_correct")
 METRICS = BOOLEAN_METRICS + ("answer_logprob",)
 PROBE_COLUMNS = ("relation", "subject", "group", "bucket", "exposures")
-BLOCKING_MODES = ("none", "fetched", "fetched+blocked", "wrong-path", "oracle-path")
+BLOCKING_MODES = ("none", "fetched", "blocked-drop", "blocked-reroute", "wrong-path", "oracle-path")
 _BUCKET_INDEX = re.compile(r"^b(\d+)(?:-|$)")
 _DROP_LEVEL = re.compile(r"^drop-level(\d+)$")
 
@@ -381,6 +381,57 @@ def plot_accuracy_by_frequency(table: pd.DataFrame, path: str | Path, modes: Seq
     return _points_with_ci(data.reset_index(drop=True), path, x="bucket", y="mean", hue="mode",
                            x_order=bucket_order(data["bucket"]), ylabel=str(data["metric"].iloc[0]),
                            title="accuracy by exposure bucket (95% CI)")
+
+
+def exposure_curve(results: pd.DataFrame, series: Mapping[str, tuple[str, str]], metric: str = "correct",
+                   group: str | None = None) -> pd.DataFrame:
+    """The paper's Figure 1 (right) as a table: `metric` per exposure bucket for chosen (run, mode)
+    series, e.g. {"anchor": ("anchor", "none"), "memory, fetched": ("memory-frozen", "fetched")}, with
+    Wilson 95% CIs and each bucket's median exposures (the x axis). `group` ("SK"/"CK") keeps one group.
+    Columns: series, run, mode, bucket, exposures (median), n, mean, lo, hi, metric."""
+    frames = []
+    for label, (run, mode) in series.items():
+        part = results[(results["run"] == run) & (results["mode"] == mode)]
+        if group is not None:
+            part = part[part["group"] == group]
+        if part.empty:
+            continue
+        table = accuracy_by_frequency(part, metric)
+        median = part.groupby("bucket")["exposures"].median()
+        frames.append(table.assign(series=label, exposures=table["bucket"].map(median)))
+    if not frames:
+        raise ValueError(f"none of the series {dict(series)} has probe rows")
+    out = pd.concat(frames, ignore_index=True)
+    return out[["series", "run", "mode", "bucket", "exposures", "n", "mean", "lo", "hi", "metric"]]
+
+
+def plot_exposure_curve(table: pd.DataFrame, path: str | Path, title: str = "accuracy by exposures"):
+    """`exposure_curve` on one axes: accuracy (%) against exposures in training (log scale), one line
+    per series with its 95% Wilson interval, legend outside the data. Writes PNG + CSV."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    from .plots import save_figure
+    names = list(dict.fromkeys(table["series"]))
+    colors = dict(zip(names, sns.color_palette("colorblind", len(names))))
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for i, name in enumerate(names):
+        s = table[table["series"] == name].sort_values("exposures")
+        x = s["exposures"].to_numpy(dtype=float) * (1 + 0.03 * (i - (len(names) - 1) / 2))  # dodge on log x
+        y, lo, hi = 100 * s["mean"], 100 * s["lo"], 100 * s["hi"]
+        ax.errorbar(x, y, yerr=[np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)], marker="o", ms=4, lw=1.2,
+                    capsize=2, color=colors[name], label=name)
+    ax.set_xscale("log")
+    ticks = sorted(table["exposures"].dropna().unique())
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    metric = str(table["metric"].iloc[0])
+    label = {"correct": "greedy exact match", "rank_correct": "answer ranked first", "mc_correct": "4-way choice"}
+    ax.set(xlabel="exposures of the fact in training (median of bucket, log scale)",
+           ylabel=f"accuracy, {label.get(metric, metric)} (%)", ylim=(0, 100), title=title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    return save_figure(fig, table, path)
 
 
 def plot_blocking(table: pd.DataFrame, path: str | Path):

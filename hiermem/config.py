@@ -15,6 +15,7 @@ and `tiny-d{N}` is the CPU family driven by one dial, the depth N: width 64*N, h
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 from hiermem.configbase import Config, require
@@ -109,6 +110,9 @@ class MemoryConfig(Config):
     paper's Table 9), or an explicit comma list of layer indices such as "0,3,5".
     scale_units_to_uniform: with a non-uniform placement, multiply each r_l by
     n_layers / n_memory_layers (rounded) so the memory has the parameters a uniform one would.
+    init_std: standard deviation of the truncated-normal tensors (FFN gate/up rows, KV keys); None
+    means 1/sqrt(d_model), which gives memory hidden units pre-activations of order one (with 0.02
+    they are ~1/sqrt(d)/0.02 times smaller and rarely fetched blocks learn slowly).
     """
 
     type: str = "ffn"
@@ -118,7 +122,7 @@ class MemoryConfig(Config):
     scale_units_to_uniform: bool = False
     generic: bool = True
     lora_alpha: float = 2.0
-    init_std: float = 0.02
+    init_std: float | None = None
 
     def validate(self) -> None:
         require(self.type in MEMORY_TYPES, "type", f"one of {list(MEMORY_TYPES)}", self.type)
@@ -128,7 +132,8 @@ class MemoryConfig(Config):
         require(isinstance(self.branching, int) and self.branching >= 2, "branching", "an integer >= 2",
                 self.branching)
         require(self.lora_alpha > 0, "lora_alpha", "a positive number", self.lora_alpha)
-        require(self.init_std > 0, "init_std", "a positive number", self.init_std)
+        require(self.init_std is None or self.init_std > 0, "init_std", "a positive number or null (1/sqrt(d))",
+                self.init_std)
         if self.placement not in PLACEMENTS:
             require(re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", self.placement) is not None, "placement",
                     f"one of {list(PLACEMENTS)} or a comma list of layer indices", self.placement)
@@ -160,6 +165,9 @@ class MemoryConfig(Config):
             return self.multipliers
         n_mem = len(self.memory_layers(n_layers))
         return tuple(round(r * n_layers / n_mem) for r in self.multipliers)
+
+    def resolved_init_std(self, d_model: int) -> float:
+        return 1.0 / math.sqrt(d_model) if self.init_std is None else self.init_std
 
     def nodes_at_level(self, level: int) -> int:
         """Number of tree nodes (memory blocks) at 0-based `level`: k^(level+1)."""

@@ -1,18 +1,24 @@
-"""`hiermem demo`: the main end-to-end job, on CPU in under 30 minutes.
+"""`hiermem demo`: the main end-to-end job, on CPU in under 30 minutes; its claims table says whether
+the paper's findings show.
 
-1. builds the `small` data (Wikipedia leads + CIA Factbook + injected long-tail facts with
-   log-uniform exposure counts, so every frequency bucket holds as many facts), routed with the fast
-   embedder down a 16-ary tree of depth 2;
+1. builds the knowledge data: Wikipedia leads and Factbook sections (common text), subject cards of
+   real relations (elements, countries, US states, cities, airports) and a bioS world of invented
+   people, each subject exposed 1..16 times (log-uniform), routed with the fast embedder down an
+   8-ary tree of depth 2 balanced by tokens; a share of the subjects is also stated in the probe
+   format (never probed), the others are probed on held-out templates, split into a validation set
+   (regime choice) and an evaluation set (the claims);
 2. pretrains a tiny anchor (the paper's row A1);
 3. trains FFN memories of about 10% of the anchor on it, frozen (A3) and co-trained (A2);
-4. trains a dense baseline with the same runtime parameters (SwiGLU widened by the fetched units,
-   as many tokens as anchor + memory training) and one with about 2x the anchor's parameters
-   (deeper at the same width, trained on the anchor's budget: the paper compares A2 with B1 so);
-5. evaluates every model in every memory mode and prints a compact table, also written to
-   results/demo/summary.csv (one row per model and mode).
+4. trains the controls: the anchor continued dense on the same sequences and schedule as the memory
+   stage, a dense model with the runtime parameters of anchor + fetched memory, and one with about
+   2x the anchor's parameters, both on the same total tokens;
+5. evaluates every model in every memory mode (greedy exact match and answer ranking) and writes
+   results/demo/summary.csv (one row per model and mode) and results/demo/claims.csv (one row per
+   claim with a 95% bootstrap CI, its target and whether it holds; analysis.claims states the rules).
 
-Runs are resumable and skipped once finished, so a second `make demo` only re-prints the table.
-`--scale smoke` runs the same pipeline in about a minute (used by the tests).
+Runs are resumable and skipped once finished, so a second `make demo` only re-prints the tables.
+`--scale smoke` runs the same pipeline in about a minute (used by the tests); `--config FILE` runs a
+recipe (a YAML of DemoConfig fields over `scale: <name>`), as the pilots in configs/pilots/ do.
 """
 
 from __future__ import annotations
@@ -24,38 +30,100 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.attribution import load_probe_results
+from analysis.claims import demo_claims, format_claims
 from hiermem.accounting import count
 from hiermem.config import MemoryConfig, model_preset
+from hiermem.configbase import Config, require
 from hiermem.data.pipeline import DataConfig, build_data
 from hiermem.evaluate import EvalConfig, evaluate_run
 from hiermem.io import atomic_write_text
+from hiermem.retriever import TreeConfig
 from hiermem.train import OptimConfig, TrainConfig, train
+
+SCALE_NAMES = ("default", "smoke")
+RUNS = ("anchor", "memory-frozen", "memory-cotrain", "continued", "dense-same-active", "dense-2x")
+# the paper's Figure 1 (right): accuracy against exposures, with and without memory, and the controls
+FIGURE1_SERIES = {
+    "anchor (A1)": ("anchor", "none"), "A3, no memory": ("memory-frozen", "none"),
+    "A3, generic": ("memory-frozen", "generic"), "A3, fetched": ("memory-frozen", "fetched"),
+    "A2, fetched": ("memory-cotrain", "fetched"), "anchor continued (dense)": ("continued", "none"),
+    "dense, same runtime params": ("dense-same-active", "none"), "dense, 2x params": ("dense-2x", "none"),
+}
+CLAIM_ROLES = {"memory": "memory-frozen", "anchor": "anchor", "continued": "continued", "dense2x": "dense-2x"}
+
+
+def knowledge_data(scale: str, root: str = "data", embedder: str = "fast") -> DataConfig:
+    """The knowledge regime's data at a scale ("default" or "smoke")."""
+    people, docs, facts, cloze = (300, 300, 100, 300) if scale == "default" else (60, 150, 12, 30)
+    base = DataConfig.preset("small" if scale == "default" else "smoke", root=root, embedder=embedder)
+    corpus = base.corpus.replace(
+        fact_layout="subjects", synthetic_people=people, format_fraction=0.4, val_fraction=0.2,
+        exposure_law="loguniform", max_exposures=16 if scale == "default" else 6, min_exposures=1,
+        max_facts_per_relation=facts, max_docs_per_source=docs, max_windows_per_doc=1, cloze_probes=cloze,
+        vocab_size=2048 if scale == "default" else base.corpus.vocab_size)
+    tree = TreeConfig(branching=8 if scale == "default" else 4, depth=2, balance_by="tokens")
+    return base.replace(corpus=corpus.replace(heldout_fraction=0.05), tree=tree, seq_len=128)
 
 
 @dataclasses.dataclass(frozen=True)
-class DemoScale:
-    data: str
-    anchor_tokens: int
-    memory_tokens: int
-    batch_size: int
-    memory: tuple[int, ...]
-    probes_per_relation: int
-    heldout_docs: int
+class DemoConfig(Config):
+    """The main job's recipe. Named scales are presets; a YAML file overrides fields of one."""
+
+    scale: str = "default"
+    data: DataConfig = dataclasses.field(default_factory=lambda: knowledge_data("default"))
+    anchor: str = "tiny-d2"
+    anchor_tokens: int = 1_500_000
+    memory_tokens: int = 2_250_000
+    batch_size: int = 32
+    memory: MemoryConfig = dataclasses.field(default_factory=lambda: MemoryConfig(
+        type="ffn", multipliers=(64, 64), branching=8))
+    anchor_optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(
+        lr=3e-3, final_lr=3e-5, weight_decay=0.05))
+    memory_optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(
+        lr=1e-4, final_lr=1e-5, rewarm=3.0, warmup_fraction=0.02, weight_decay=0.05,
+        bank_lr=1e-2, bank_final_lr=1e-4, bank_weight_decay=1e-3, bank_semantics="dense"))
+    runs: tuple[str, ...] = RUNS
+    eval: EvalConfig = dataclasses.field(default_factory=lambda: EvalConfig(
+        max_probes_per_relation=200, heldout_docs_per_source=100, split="eval"))
+    n_boot: int = 1000
+
+    def validate(self) -> None:
+        require(self.scale in SCALE_NAMES, "scale", f"one of {list(SCALE_NAMES)}", self.scale)
+        unknown = [r for r in self.runs if r not in RUNS]
+        require(not unknown and "anchor" in self.runs, "runs", f"'anchor' and names among {list(RUNS)}", self.runs)
+        require(self.anchor_tokens > 0 and self.memory_tokens > 0, "anchor_tokens/memory_tokens", "positive",
+                (self.anchor_tokens, self.memory_tokens))
+        require(self.memory.branching == self.data.tree.branching, "memory.branching",
+                f"the tree's branching {self.data.tree.branching}", self.memory.branching)
+
+    @classmethod
+    def from_dict(cls, data: dict | None, _prefix: str = "") -> "DemoConfig":
+        """`scale: <name>` (default "default") gives the base; the other keys override it (nested
+        configs field by field)."""
+        data = dict(data or {})
+        name = data.get("scale", "default")
+        require(name in SCALE_NAMES, _prefix + "scale", f"one of {list(SCALE_NAMES)}", name)
+        base = SCALES[name].to_dict()
+        for key, value in list(data.items()):
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                data[key] = _merge(base[key], value)
+        return super().from_dict({**base, **data}, _prefix)
 
 
-SCALES = {
-    "default": DemoScale(data="small", anchor_tokens=2_000_000, memory_tokens=1_000_000, batch_size=16,
-                         memory=(112, 28), probes_per_relation=120, heldout_docs=150),
-    "smoke": DemoScale(data="smoke", anchor_tokens=40_000, memory_tokens=20_000, batch_size=8,
-                       memory=(16, 4), probes_per_relation=8, heldout_docs=10),
-}
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
 
 
-def demo_data(scale: DemoScale, root: str, embedder: str = "fast") -> DataConfig:
-    base = DataConfig.preset(scale.data, root=root, embedder=embedder)
-    corpus = base.corpus.replace(exposure_law="loguniform",
-                                 max_facts_per_relation=200 if scale.data == "small" else base.corpus.max_facts_per_relation)
-    return base.replace(corpus=corpus)
+SCALES: dict[str, DemoConfig] = {"default": DemoConfig()}
+SCALES["smoke"] = DemoConfig(
+    scale="smoke", data=knowledge_data("smoke"), anchor="tiny-d1", anchor_tokens=40_000, memory_tokens=40_000,
+    batch_size=8, memory=MemoryConfig(type="ffn", multipliers=(8, 8), branching=4),
+    eval=EvalConfig(max_probes_per_relation=12, heldout_docs_per_source=10, split="eval", rank_candidates=20),
+    n_boot=200)
 
 
 def layers_for_double(anchor: str, vocab_size: int) -> int:
@@ -66,99 +134,97 @@ def layers_for_double(anchor: str, vocab_size: int) -> int:
     return max(cfg.n_layers + 1, round((2 * acc.anchor_params - acc.embedding_params - cfg.d_model) / per_layer))
 
 
-def demo_runs(scale: DemoScale, data: DataConfig, runs_dir: Path) -> dict[str, TrainConfig]:
-    """The five runs of the demo, in training order (names double as run directory names)."""
-    k = data.tree.branching
-    memory = MemoryConfig(type="ffn", multipliers=scale.memory, branching=k)
-    anchor = "tiny-d2"
-    fetched_units = sum(scale.memory)
-    total_tokens = scale.anchor_tokens + scale.memory_tokens
-    pre = OptimConfig(lr=3e-3, final_lr=3e-5, weight_decay=0.05)
-    mem = OptimConfig(lr=1e-3, final_lr=1e-5, weight_decay=0.05, bank_lr=3e-3, bank_final_lr=3e-5,
-                      bank_weight_decay=1e-3)
-    common = dict(anchor=anchor, data=data, batch_size=scale.batch_size, log_every=20, checkpoint_every=200)
+def demo_runs(cfg: DemoConfig, runs_dir: Path, vocab_size: int) -> dict[str, TrainConfig]:
+    """The runs of the demo, in training order (names double as run directory names)."""
+    fetched_units = sum(cfg.memory.multipliers)
+    total = cfg.anchor_tokens + cfg.memory_tokens
     anchor_dir = str(runs_dir / "anchor")
-    return {
-        "anchor": TrainConfig(stage="pretrain", tokens=scale.anchor_tokens, optim=pre, **common),
-        "memory-frozen": TrainConfig(stage="memory-frozen", memory=memory, init_from=anchor_dir,
-                                     tokens=scale.memory_tokens, optim=mem, **common),
-        "memory-cotrain": TrainConfig(stage="memory-cotrain", memory=memory, init_from=anchor_dir,
-                                      tokens=scale.memory_tokens, optim=mem, **common),
-        "dense-same-active": TrainConfig(stage="pretrain", tokens=total_tokens, optim=pre,
-                                         model={"ffn_dim": model_preset(anchor).ffn_dim + fetched_units}, **common),
-        "dense-2x": TrainConfig(stage="pretrain", tokens=scale.anchor_tokens, optim=pre,
-                                model={"n_layers": layers_for_double(anchor, data.corpus.vocab_size)}, **common),
+    common = dict(anchor=cfg.anchor, data=cfg.data, batch_size=cfg.batch_size, log_every=20, checkpoint_every=200)
+    all_runs = {
+        "anchor": TrainConfig(stage="pretrain", tokens=cfg.anchor_tokens, optim=cfg.anchor_optim, **common),
+        "memory-frozen": TrainConfig(stage="memory-frozen", memory=cfg.memory, init_from=anchor_dir,
+                                     tokens=cfg.memory_tokens, optim=cfg.memory_optim, **common),
+        "memory-cotrain": TrainConfig(stage="memory-cotrain", memory=cfg.memory, init_from=anchor_dir,
+                                      tokens=cfg.memory_tokens, optim=cfg.memory_optim, **common),
+        # the control the A3 row implies: the same extra tokens, sequences and schedule, no memory
+        "continued": TrainConfig(stage="continue", init_from=anchor_dir, tokens=cfg.memory_tokens,
+                                 optim=cfg.memory_optim, **common),
+        "dense-same-active": TrainConfig(stage="pretrain", tokens=total, optim=cfg.anchor_optim,
+                                         model={"ffn_dim": model_preset(cfg.anchor).ffn_dim + fetched_units}, **common),
+        "dense-2x": TrainConfig(stage="pretrain", tokens=total, optim=cfg.anchor_optim,
+                                model={"n_layers": layers_for_double(cfg.anchor, vocab_size)}, **common),
     }
+    return {name: run for name, run in all_runs.items() if name in cfg.runs}
 
 
-COMPACT = ["model", "mode", "runtime_params", "avg_sk", "avg_ck", "avg_sk_mc", "ppl"]
+COMPACT = ["model", "mode", "runtime_params", "train_tokens", "avg_sk", "avg_sk_rank", "avg_ck", "avg_ck_rank", "ppl"]
 
 
-def _short_name(column: str) -> str:
-    for prefix, short in (("atomic_mc_", "atomMC_"), ("atomic_", "atom_")):
-        if column.startswith(prefix):
-            return short + column.removeprefix(prefix).split("-")[0]
-    return {"runtime_params": "runtime", "avg_sk_mc": "avg_sk_mc"}.get(column, column)
-
-
-def run_demo(scale_name: str = "default", data_root: str = "data", runs_dir: str = "runs/demo",
-             out_dir: str = "results/demo", progress: bool = True, embedder: str = "fast") -> pd.DataFrame:
-    """Run (or resume) the demo; returns the summary table (one row per model and mode).
-
-    embedder: "fast" (static, distilled from MiniLM) or "minilm" (the paper's all-MiniLM-L6-v2; the
-    corpus is embedded once, ~40 min on 2 cores, then cached).
-    """
-    scale = SCALES[scale_name]
+def run_demo(cfg: DemoConfig | str = "default", runs_dir: str = "runs/demo", out_dir: str = "results/demo",
+             progress: bool = True, data_root: str | None = None, embedder: str | None = None) -> pd.DataFrame:
+    """Run (or resume) the demo; returns the summary table (one row per model and mode) and writes
+    summary.csv and claims.csv to `out_dir`."""
+    cfg = SCALES[cfg] if isinstance(cfg, str) else cfg
+    if data_root is not None or embedder is not None:
+        cfg = cfg.replace(data=cfg.data.replace(root=data_root or cfg.data.root, embedder=embedder or cfg.data.embedder))
     runs_path, out_path = Path(runs_dir), Path(out_dir)
     start = time.perf_counter()
-    data_cfg = demo_data(scale, data_root, embedder)
-    bundle = build_data(data_cfg, progress=progress)
+    bundle = build_data(cfg.data, progress=progress)
     print(f"[demo] data ready: {len(bundle.corpus):,} docs, {len(bundle.probes):,} probes "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
-    eval_cfg = EvalConfig(max_probes_per_relation=scale.probes_per_relation, heldout_docs_per_source=scale.heldout_docs,
-                          level_ablation=True)
-    summaries = []
-    for name, cfg in demo_runs(scale, data_cfg, runs_path).items():
+    summaries, timings = [], {}
+    for name, run_cfg in demo_runs(cfg, runs_path, bundle.vocab_size).items():
         t0 = time.perf_counter()
-        run = train(cfg, runs_path / name, progress=progress)
+        run = train(run_cfg, runs_path / name, progress=progress)
         t1 = time.perf_counter()
-        summary = evaluate_run(run, eval_cfg, reuse=True)
-        acc = count(cfg.model_config(bundle.vocab_size), cfg.memory if cfg.uses_memory else None,
-                    seq_len=data_cfg.seq_len)
+        summary = evaluate_run(run, cfg.eval, reuse=True)
+        acc = count(run_cfg.model_config(bundle.vocab_size), run_cfg.memory if run_cfg.uses_memory else None,
+                    seq_len=cfg.data.seq_len)
+        total_tokens = run_cfg.tokens + (cfg.anchor_tokens if run_cfg.init_from else 0)
         summary.insert(2, "runtime_params", acc.runtime_params)
         summary.insert(3, "anchor_params", acc.anchor_params)
         summary.insert(4, "bank_params", acc.bank_params)
-        summary.insert(5, "train_tokens", cfg.tokens)
+        summary.insert(5, "train_tokens", total_tokens)
         summaries.append(summary)
+        timings[name] = (t1 - t0, time.perf_counter() - t1)
         print(f"[demo] {name}: trained in {t1 - t0:.0f} s, evaluated in {time.perf_counter() - t1:.0f} s", flush=True)
     table = pd.concat(summaries, ignore_index=True)
     out_path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_path / "summary.csv", table.to_csv(index=False))
-    bucket_cols = sorted(c for c in table.columns if c.startswith("atomic_b"))
-    bucket_cols += sorted(c for c in table.columns if c.startswith("atomic_mc_b"))
+    results = load_probe_results({name: runs_path / name for name in cfg.runs})
+    roles = {role: run for role, run in CLAIM_ROLES.items() if run in cfg.runs}
+    claims = demo_claims(results, roles, n_boot=cfg.n_boot, seed=cfg.eval.seed)
+    atomic_write_text(out_path / "claims.csv", claims.to_csv(index=False))
     with pd.option_context("display.width", 250, "display.max_columns", 40, "display.precision", 1):
         print()
-        shown = table[COMPACT + bucket_cols].rename(columns=_short_name)
-        print(shown.to_string(index=False))
-        print("(atom_<bucket>: atomic-number greedy exact match %; atomMC_<bucket>: 4-way multiple choice %; "
-              "buckets b0 rarest .. b4 most exposed)")
-    print(f"\n[demo] total {time.perf_counter() - start:.0f} s; table written to {out_path / 'summary.csv'}")
+        print(table[[c for c in COMPACT if c in table.columns]].to_string(index=False))
+        print(f"(probe split {cfg.eval.split!r}; avg_*: greedy exact match %, avg_*_rank: true answer ranked first "
+              f"among its relation's answers %, macro over relations)")
+    print(f"\n[demo] total {time.perf_counter() - start:.0f} s; tables written to {out_path}/summary.csv, claims.csv\n")
+    print(format_claims(claims))
     return table
 
 
+def load_demo_config(path: str | Path) -> DemoConfig:
+    return DemoConfig.load(path)
+
+
 def _run(args: argparse.Namespace) -> int:
-    run_demo(args.scale, args.data_root, args.runs_dir, args.out_dir, progress=not args.quiet, embedder=args.embedder)
+    cfg = load_demo_config(args.config) if args.config else SCALES[args.scale]
+    run_demo(cfg, args.runs_dir, args.out_dir, progress=not args.quiet, data_root=args.data_root,
+             embedder=args.embedder)
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the main end-to-end job (data, anchor, memories, baselines, eval)",
+    p = sub.add_parser("demo", help="run the main end-to-end job (data, anchor, memories, controls, eval, claims)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", default="default", choices=sorted(SCALES), help="default (~30 min) or smoke (~1 min)")
-    p.add_argument("--data-root", default="data")
+    p.add_argument("--config", default=None, help="a DemoConfig YAML (e.g. configs/pilots/*.yaml); overrides --scale")
+    p.add_argument("--data-root", default=None, help="data cache folder (default: data)")
     p.add_argument("--runs-dir", default="runs/demo")
     p.add_argument("--out-dir", default="results/demo")
-    p.add_argument("--embedder", default="fast", choices=["fast", "minilm", "tfidf"],
+    p.add_argument("--embedder", default=None, choices=["fast", "minilm", "tfidf"],
                    help="router embedding: fast (default) or minilm, the paper's all-MiniLM-L6-v2")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)

@@ -1,22 +1,20 @@
 """Evaluation of a finished run: held-out perplexity per source and knowledge probes under memory modes.
 
 Retrieval at evaluation uses only the prompt (probes) or the document itself (perplexity), routed
-down the run's k-means tree with the run's embedder. Modes, all scored on the same probes:
+down the run's k-means tree with the run's embedder. The modes (`hiermem.modes`: none, generic,
+fetched, blocked-drop, blocked-reroute, wrong-path, oracle-path, drop-level<l>) are objects that give
+every row its memory, used alike by the probe scorers and by perplexity.
 
-    none             the anchor alone
-    generic          anchor + the generic (context-independent) block
-    fetched          anchor + the blocks on the prompt's routed path
-    fetched+blocked  as fetched, with the routed subtree blocked from `blocked_level` down (its blocks
-                     dropped; blocked_level 1 = the paper's 1/16 of the bank around the prompt), or,
-                     with block_fraction > 0, a random fraction of level-1 subtrees blocked bank-wide
-    wrong-path       anchor + the blocks of a random path (differing at level 1)
-    oracle-path      anchor + the blocks of the path where most of the fact's documents went
-    drop-level<l>    fetched with level l's block dropped (one per level with memory)
-
-Probe scores: `correct` (greedy generation, exact integer/string match, as the paper scores atomic
-numbers), `answer_logprob` (log-likelihood of the answer), and `mc_correct` (the answer outscores
-`mc_candidates - 1` (default 3, 4-way like ARC) other answers of the same relation by log-likelihood). Avg-SK / Avg-CK are macro
-averages over relations of `correct` within each group.
+Probe scores, per probe and mode:
+    correct        greedy generation, exact integer/string match (the paper's metric, as it scores
+                   atomic numbers); the generation budget is the relation's longest answer + 1 token
+    rank_correct   the true answer has the highest log-likelihood among the answers of its relation
+                   (all distinct answers of the relation's facts, at most `rank_candidates`, a seeded
+                   sample always holding the true one): knowledge without the answer format
+    mc_correct     the true answer beats `mc_candidates - 1` (default 3, 4-way like ARC) of those
+    answer_logprob the answer's log-likelihood
+Avg-SK / Avg-CK are macro averages over relations within each group (`avg_sk`, `avg_sk_rank`,
+`avg_sk_mc`). `split` chooses the probes: "eval" (report), "val" (choose a regime) or "all".
 
 Outputs in RUN_DIR/eval/: probe_results.parquet (one row per probe and mode), perplexity.csv (source x
 mode), summary.csv (one row per mode), routing.csv (per-level routing agreement per bucket).
@@ -39,24 +37,28 @@ from hiermem.data.pipeline import DataBundle, build_data
 from hiermem.diagnostics import majority_path, routing_diagnostics, summarize_routing
 from hiermem.io import atomic_path, atomic_write_text
 from hiermem.model import HierMemLM
-from hiermem.probing import (MemoryChoice, answer_matches, continuation_logprobs, document_nll,
-                             greedy_generate)
+from hiermem.modes import (BASE_MODES, Blocking, EvalMode, Rows, check_mode_name, choose_blocked_nodes,
+                           mode_names)
+from hiermem.probing import answer_matches, candidate_logprobs, document_nll, greedy_generate
 from hiermem.train import TrainConfig, device_for, final_checkpoint
 
 log = logging.getLogger(__name__)
-BASE_MODES = ("none", "generic", "fetched", "fetched+blocked", "wrong-path", "oracle-path")
+SPLITS = ("eval", "val", "all")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig(Config):
     modes: tuple[str, ...] = BASE_MODES
     level_ablation: bool = True
-    blocked_level: int = 1
-    block_fraction: float = 0.0
-    max_new_tokens: int = 12
+    blocked_level: int = 1          # blocked-*: the level from which the routed subtree is blocked
+    block_fraction: float = 0.0     # > 0: block this fraction of the nodes at blocked_level bank-wide instead
+    block_choice: str = "best-match"  # bank-wide blocking: best-match (nodes of the probed facts first) | random
+    max_new_tokens: int = 24        # cap on the per-relation generation budget
     mc_candidates: int = 4
+    rank_candidates: int = 100
     heldout_docs_per_source: int = 300
-    max_probes_per_relation: int = 0  # 0 = all; else a seeded sample per relation (atomic numbers: 118)
+    max_probes_per_relation: int = 0  # 0 = all; else a seeded sample per relation, spread over buckets
+    split: str = "eval"
     perplexity_modes: tuple[str, ...] = ("all",)  # "all" = every evaluated mode
     batch_size: int = 64
     seed: int = 0
@@ -64,74 +66,50 @@ class EvalConfig(Config):
 
     def validate(self) -> None:
         for mode in self.modes:
-            require(mode in BASE_MODES, "modes", f"modes among {list(BASE_MODES)}", mode)
+            check_mode_name(mode)
         for mode in self.perplexity_modes:
-            require(mode in BASE_MODES + ("all",), "perplexity_modes", f"'all' or modes among {list(BASE_MODES)}",
-                    mode)
+            if mode != "all":
+                check_mode_name(mode)
         require(self.blocked_level >= 1, "blocked_level", "a level >= 1", self.blocked_level)
         require(0 <= self.block_fraction <= 1, "block_fraction", "a fraction in [0, 1]", self.block_fraction)
+        require(self.block_choice in ("best-match", "random"), "block_choice", "'best-match' or 'random'",
+                self.block_choice)
         require(self.max_new_tokens >= 1, "max_new_tokens", "a positive integer", self.max_new_tokens)
         require(self.mc_candidates >= 2, "mc_candidates", "an integer >= 2", self.mc_candidates)
+        require(self.rank_candidates >= self.mc_candidates, "rank_candidates", f">= mc_candidates ({self.mc_candidates})",
+                self.rank_candidates)
         require(self.max_probes_per_relation >= 0, "max_probes_per_relation", "0 (all) or a positive integer",
                 self.max_probes_per_relation)
         require(self.heldout_docs_per_source >= 1, "heldout_docs_per_source", "a positive integer",
                 self.heldout_docs_per_source)
+        require(self.split in SPLITS, "split", f"one of {list(SPLITS)}", self.split)
 
 
 def available_modes(model: HierMemLM, cfg: EvalConfig) -> list[str]:
     """Modes that make sense for this model: a dense model has only 'none'."""
     if model.bank is None:
         return ["none"]
-    modes = [m for m in cfg.modes if m != "generic" or model.bank.cfg.generic]
-    if cfg.level_ablation:
-        modes += [f"drop-level{level + 1}" for level, r in enumerate(model.bank.units) if r > 0]
-    return modes
+    return mode_names(cfg.modes, model.bank.units, model.bank.cfg.generic, cfg.level_ablation)
 
 
-class _ModeBuilder:
-    """Turns a mode name into the per-row `MemoryChoice` (and bank-level blocking) for a set of rows."""
-
-    def __init__(self, model: HierMemLM, cfg: EvalConfig, routed: np.ndarray, oracle: np.ndarray):
-        self.model, self.cfg, self.routed, self.oracle = model, cfg, routed, oracle
-        self.depth = model.bank.cfg.depth if model.bank is not None else 0
-
-    def __call__(self, mode: str) -> MemoryChoice:
-        n = len(self.routed)
-        depth = self.depth
-        routed = self.routed[:, :depth] if depth else None
-        if mode == "none" or self.model.bank is None:
-            return MemoryChoice()
-        if mode == "generic":
-            return MemoryChoice(paths=routed, use_generic=np.ones(n, dtype=bool))
-        if mode in ("fetched",):
-            return MemoryChoice(paths=routed)
-        if mode == "fetched+blocked":
-            if self.cfg.block_fraction > 0:
-                return MemoryChoice(paths=routed)  # bank-level blocking is switched on by the caller
-            blocked = np.zeros((n, depth), dtype=bool)
-            blocked[:, min(self.cfg.blocked_level, depth) - 1:] = True
-            return MemoryChoice(paths=routed, blocked=blocked)
-        if mode == "wrong-path":
-            rng = np.random.default_rng(self.cfg.seed)
-            k = self.model.bank.cfg.branching
-            wrong = rng.integers(0, k, size=(n, depth))
-            wrong[:, 0] = (routed[:, 0] + rng.integers(1, k, size=n)) % k  # never the routed subtree
-            return MemoryChoice(paths=wrong)
-        if mode == "oracle-path":
-            return MemoryChoice(paths=self.oracle[:, :depth])
-        if mode.startswith("drop-level"):
-            level = int(mode.removeprefix("drop-level")) - 1
-            blocked = np.zeros((n, depth), dtype=bool)
-            blocked[:, level] = True
-            return MemoryChoice(paths=routed, blocked=blocked)
-        raise ValueError(f"unknown evaluation mode {mode!r}")
-
-
-def _bank_blocking(model: HierMemLM, cfg: EvalConfig, mode: str):
-    """Context manager-ish: switch on bank-wide random blocking for fetched+blocked with a fraction."""
-    if model.bank is not None and mode == "fetched+blocked" and cfg.block_fraction > 0:
-        return model.bank.block_fraction(cfg.block_fraction, level=0, seed=cfg.seed)
-    return None
+def eval_modes(model: HierMemLM, data: DataBundle, cfg: EvalConfig, names: list[str],
+               probes: pd.DataFrame | None = None) -> dict[str, EvalMode]:
+    """The mode objects of a model; bank-wide blocking (block_fraction > 0) picks its nodes here."""
+    if model.bank is None:
+        return {name: EvalMode(name) for name in names}
+    depth, k = model.bank.cfg.depth, model.bank.cfg.branching
+    blocking = Blocking(level=min(cfg.blocked_level, depth))
+    if cfg.block_fraction > 0:
+        doc_paths = None
+        if cfg.block_choice == "best-match":
+            fact_paths = data.fact_paths()
+            ids = [] if probes is None else [f for f, g in zip(probes["fact_id"], probes["group"]) if f and g == "SK"]
+            found = [fact_paths[f] for f in dict.fromkeys(ids) if f in fact_paths]
+            doc_paths = np.concatenate(found) if found else None
+        blocking = Blocking(level=blocking.level, prefixes=choose_blocked_nodes(
+            cfg.block_fraction, blocking.level, k, cfg.block_choice, doc_paths, cfg.seed))
+    router = lambda vectors, blocked: data.tree.route(vectors, blocked=blocked)  # noqa: E731
+    return {name: EvalMode(name, depth, k, blocking, router, cfg.seed) for name in names}
 
 
 def _oracle_paths(data: DataBundle, probes: pd.DataFrame, routed: np.ndarray) -> np.ndarray:
@@ -147,65 +125,79 @@ def _oracle_paths(data: DataBundle, probes: pd.DataFrame, routed: np.ndarray) ->
     return oracle
 
 
+def probe_rows(data: DataBundle, probes: pd.DataFrame) -> Rows:
+    """Rows for the probes: routed by their prompt, oracle = where their fact's documents went."""
+    vectors = data.embedder.encode(probes["prompt"].tolist()) if len(probes) else np.zeros((0, data.tree.dim))
+    routed = data.tree.route(vectors) if len(probes) else np.zeros((0, data.depth), dtype=np.int64)
+    return Rows(routed=routed, oracle=_oracle_paths(data, probes, routed), vectors=vectors)
+
+
+def answer_candidates(data: DataBundle, probes: pd.DataFrame, cfg: EvalConfig) -> list[list[str]]:
+    """Per probe: its true answer first, then the other distinct answers of its relation (a seeded
+    sample of at most rank_candidates - 1; facts of every role count, cloze uses the probed words)."""
+    rng = np.random.default_rng(cfg.seed)
+    facts = data.facts
+    pools: dict[str, list[str]] = {}
+    for relation, part in probes.groupby("relation"):
+        known = facts.loc[facts["relation"] == relation, "answer"] if len(facts) else pd.Series(dtype=str)
+        pools[relation] = sorted(set(known.astype(str)) | set(part["answer"].astype(str)))
+    out = []
+    for relation, answer in zip(probes["relation"], probes["answer"].astype(str)):
+        others = [a for a in pools[relation] if a != answer]
+        if len(others) > cfg.rank_candidates - 1:
+            others = [others[int(j)] for j in rng.choice(len(others), cfg.rank_candidates - 1, replace=False)]
+        else:
+            others = [others[int(j)] for j in rng.permutation(len(others))]
+        out.append([answer] + others)
+    return out
+
+
 def score_probes(model: HierMemLM, data: DataBundle, probes: pd.DataFrame, cfg: EvalConfig,
-                 modes: list[str]) -> pd.DataFrame:
-    """One row per (probe, mode) with correct, mc_correct, answer_logprob and the generated text."""
+                 modes: list[str], rows: Rows | None = None) -> pd.DataFrame:
+    """One row per (probe, mode) with correct, rank_correct, mc_correct, answer_logprob, generated text."""
     tok = data.tokenizer
     prompts = [e.ids for e in tok.encode_batch(probes["prompt"].tolist())]
     answers = probes["answer"].astype(str).tolist()
-    answer_ids = [e.ids for e in tok.encode_batch([" " + a for a in answers])]
-    max_new = [min(cfg.max_new_tokens, len(a) + 1) for a in answer_ids]  # the answer and one token more
-    routed = data.route_texts(probes["prompt"].tolist())
-    oracle = _oracle_paths(data, probes, routed)
-    build = _ModeBuilder(model, cfg, routed, oracle)
-
-    # multiple choice: the answer against other answers of the same relation
-    rng = np.random.default_rng(cfg.seed)
-    candidates: list[list[int]] = []  # per probe: indices into `answers` (first is the true one)
-    by_relation = probes.groupby("relation").indices
-    for i, relation in enumerate(probes["relation"]):
-        pool = [j for j in by_relation[relation] if answers[j] != answers[i]]
-        distinct = list({answers[j]: j for j in pool}.values())
-        picks = rng.choice(distinct, size=min(cfg.mc_candidates - 1, len(distinct)), replace=False) if distinct else []
-        candidates.append([i] + [int(j) for j in picks])
-    flat_probe = np.array([i for i, c in enumerate(candidates) for _ in c])
-    flat_answer = [answer_ids[j] for c in candidates for j in c]
+    candidates = answer_candidates(data, probes, cfg)
+    vocab = sorted({a for c in candidates for a in c})
+    ids_of = dict(zip(vocab, (e.ids for e in tok.encode_batch([" " + a for a in vocab]))))
+    cand_ids = [[ids_of[a] for a in c] for c in candidates]
+    longest = probes.assign(n=[len(ids_of[a]) for a in answers]).groupby("relation")["n"].transform("max")
+    budgets = np.minimum(cfg.max_new_tokens, longest.to_numpy() + 1)  # the relation's longest answer + 1
+    rows = rows or probe_rows(data, probes)
+    mode_objects = eval_modes(model, data, cfg, modes, probes)
 
     frames = []
     for mode in modes:
-        blocked_prefixes = _bank_blocking(model, cfg, mode)
-        try:
-            memory = build(mode)
-            generated = greedy_generate(model, prompts, memory, max_new, data.pad_id, cfg.batch_size)
-            texts = tok.decode_batch(generated)
-            flat_memory = MemoryChoice(
-                paths=memory.paths[flat_probe] if memory.paths is not None else None,
-                use_generic=memory.use_generic[flat_probe] if memory.use_generic is not None else None,
-                blocked=memory.blocked[flat_probe] if memory.blocked is not None else None)
-            cand_scores = continuation_logprobs(model, [prompts[i] for i in flat_probe], flat_answer, flat_memory,
-                                                data.pad_id, cfg.batch_size * 2)
-        finally:
-            if blocked_prefixes is not None:
-                model.bank.unblock_all()
-        offsets = np.cumsum([0] + [len(c) for c in candidates])
-        logprob = cand_scores[offsets[:-1]]  # the true answer is each probe's first candidate
-        mc_correct = [bool(len(c) > 1 and np.argmax(cand_scores[offsets[i]:offsets[i + 1]]) == 0)
-                      for i, c in enumerate(candidates)]
-        frame = probes[["probe_id", "relation", "subject", "group", "bucket", "exposures"]].copy()
+        memory = mode_objects[mode].choose(rows)
+        generated = greedy_generate(model, prompts, memory, list(budgets), data.pad_id, cfg.batch_size)
+        texts = tok.decode_batch(generated)
+        scores = candidate_logprobs(model, prompts, cand_ids, memory, data.pad_id, max(1, cfg.batch_size // 2))
+        frame = probes[["probe_id", "relation", "subject", "group", "bucket", "exposures", "split"]].copy()
         frame["mode"] = mode
         frame["generated"] = texts
         frame["correct"] = [answer_matches(t, a) for t, a in zip(texts, answers)]
-        frame["answer_logprob"] = logprob
-        frame["mc_correct"] = mc_correct
-        frame["routed_path"] = [",".join(map(str, p)) for p in routed]
+        frame["answer_logprob"] = [float(sc[0]) for sc in scores]
+        frame["rank_correct"] = [bool(len(sc) > 1 and sc[0] > sc[1:].max()) for sc in scores]
+        frame["mc_correct"] = [bool(len(sc) > 1 and sc[0] > sc[1:cfg.mc_candidates].max()) for sc in scores]
+        frame["n_candidates"] = [len(sc) for sc in scores]
+        frame["routed_path"] = [",".join(map(str, p)) for p in rows.routed]
+        frame["oracle_path"] = [",".join(map(str, p)) for p in (rows.oracle if rows.oracle is not None else rows.routed)]
+        frame["used_path"] = ([",".join(map(str, p)) for p in memory.paths] if memory.paths is not None
+                              else [""] * len(frame))
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 
 
-def heldout_perplexity(model: HierMemLM, data: DataBundle, cfg: EvalConfig, modes: list[str]) -> pd.DataFrame:
-    """Per source and mode: tokens, mean NLL and perplexity on held-out documents, routed by their text."""
+def heldout_perplexity(model: HierMemLM, data: DataBundle, cfg: EvalConfig, modes: list[str],
+                       probes: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per source and mode: tokens, mean NLL and perplexity on held-out documents, routed by their text.
+
+    The modes are the probes' mode objects, so blocking blocks perplexity exactly as it blocks probes."""
     corpus = data.corpus
     heldout = corpus.index[corpus["split"] == "heldout"].to_numpy()
+    vectors = np.load(data.dirs["emb"] / "embeddings.npy", mmap_mode="r")
+    mode_objects = eval_modes(model, data, cfg, modes, probes)
     rows = []
     rng = np.random.default_rng(cfg.seed)
     for source, idx in corpus.iloc[heldout].groupby("source").indices.items():
@@ -214,9 +206,9 @@ def heldout_perplexity(model: HierMemLM, data: DataBundle, cfg: EvalConfig, mode
             chosen = np.sort(rng.choice(chosen, cfg.heldout_docs_per_source, replace=False))
         docs = [data.doc_tokens[i] for i in chosen]
         paths = data.doc_paths[chosen]
-        build = _ModeBuilder(model, cfg, paths, paths)
+        doc_rows = Rows(routed=paths, oracle=paths, vectors=np.asarray(vectors[chosen]))
         for mode in modes:
-            nll, counts = document_nll(model, docs, build(mode), data.pad_id, batch_size=16)
+            nll, counts = document_nll(model, docs, mode_objects[mode].choose(doc_rows), data.pad_id, batch_size=16)
             total = int(counts.sum())
             mean = float(nll.sum() / max(total, 1))
             rows.append({"source": source, "mode": mode, "docs": len(docs), "tokens": total, "nll": mean,
@@ -224,9 +216,15 @@ def heldout_perplexity(model: HierMemLM, data: DataBundle, cfg: EvalConfig, mode
     return pd.DataFrame(rows)
 
 
-def select_probes(probes: pd.DataFrame, per_relation: int, seed: int) -> pd.DataFrame:
-    """All probes, or a seeded sample of at most `per_relation` per relation, spread evenly over the
-    relation's frequency buckets so that every bucket stays represented (original order kept)."""
+def select_probes(probes: pd.DataFrame, per_relation: int, seed: int, split: str = "all") -> pd.DataFrame:
+    """The probes of `split` ("eval", "val" or "all"): all of them, or a seeded sample of at most
+    `per_relation` per relation, spread evenly over the relation's frequency buckets so that every
+    bucket stays represented (original order kept)."""
+    if split != "all" and "split" in probes.columns:
+        probes = probes[probes["split"] == split]
+        if probes.empty:
+            raise ValueError(f"no probes in split {split!r}: the corpus has no such split (build it with "
+                             f"corpus.val_fraction > 0 for 'val'), or use split 'all'")
     if per_relation <= 0:
         return probes.reset_index(drop=True)
     shuffled = probes.sample(frac=1.0, random_state=seed)
@@ -236,16 +234,22 @@ def select_probes(probes: pd.DataFrame, per_relation: int, seed: int) -> pd.Data
     return probes.loc[sorted(keep)].reset_index(drop=True)
 
 
+METRICS = {"correct": "", "rank_correct": "_rank", "mc_correct": "_mc"}
+
+
 def summarize(results: pd.DataFrame, perplexity: pd.DataFrame, model_name: str) -> pd.DataFrame:
-    """One row per mode: Avg-SK/CK (greedy and multiple choice), perplexities, accuracy per bucket."""
+    """One row per mode: Avg-SK/CK (greedy, ranking and multiple choice), perplexities, accuracy per
+    bucket (SK and atomic numbers), in percent."""
     rows = []
+    metrics = [m for m in METRICS if m in results.columns]
     for mode, frame in results.groupby("mode", sort=False):
-        per_relation = frame.groupby(["group", "relation"])[["correct", "mc_correct"]].mean()
+        per_relation = frame.groupby(["group", "relation"])[metrics].mean()
         row = {"model": model_name, "mode": mode}
         for group in ("SK", "CK"):
             part = per_relation.loc[group] if group in per_relation.index.get_level_values(0) else None
-            row[f"avg_{group.lower()}"] = float(part["correct"].mean() * 100) if part is not None else np.nan
-            row[f"avg_{group.lower()}_mc"] = float(part["mc_correct"].mean() * 100) if part is not None else np.nan
+            for metric in metrics:
+                row[f"avg_{group.lower()}{METRICS[metric]}"] = (float(part[metric].mean() * 100)
+                                                                if part is not None else np.nan)
         ppl = perplexity[perplexity["mode"] == mode]
         if len(ppl):
             row["ppl"] = float(np.exp((ppl["nll"] * ppl["tokens"]).sum() / ppl["tokens"].sum()))
@@ -254,13 +258,13 @@ def summarize(results: pd.DataFrame, perplexity: pd.DataFrame, model_name: str) 
         else:
             row["ppl"] = np.nan
         atomic = frame[frame["relation"] == "atomic_number"]
-        for bucket, part in atomic.groupby("bucket"):
-            row[f"atomic_{bucket}"] = float(part["correct"].mean() * 100)
         row["atomic_all"] = float(atomic["correct"].mean() * 100) if len(atomic) else np.nan
-        for bucket, part in atomic.groupby("bucket"):
-            row[f"atomic_mc_{bucket}"] = float(part["mc_correct"].mean() * 100)
-        for bucket, part in frame[frame["group"] == "SK"].groupby("bucket"):
-            row[f"sk_{bucket}"] = float(part["correct"].mean() * 100)
+        for metric in metrics:
+            for bucket, part in atomic.groupby("bucket"):
+                row[f"atomic{METRICS[metric]}_{bucket}"] = float(part[metric].mean() * 100)
+        for metric in metrics:
+            for bucket, part in frame[frame["group"] == "SK"].groupby("bucket"):
+                row[f"sk{METRICS[metric]}_{bucket}"] = float(part[metric].mean() * 100)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -285,13 +289,13 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, progress: b
     data = build_data(train_cfg.data, progress=progress)
     modes = available_modes(model, cfg)
     ppl_modes = modes if "all" in cfg.perplexity_modes else [m for m in cfg.perplexity_modes if m in modes]
-    probes = select_probes(data.probes, cfg.max_probes_per_relation, cfg.seed)
+    probes = select_probes(data.probes, cfg.max_probes_per_relation, cfg.seed, cfg.split)
+    rows = probe_rows(data, probes)
     with torch.no_grad():
-        results = score_probes(model, data, probes, cfg, modes)
-        perplexity = heldout_perplexity(model, data, cfg, ppl_modes)
+        results = score_probes(model, data, probes, cfg, modes, rows)
+        perplexity = heldout_perplexity(model, data, cfg, ppl_modes, probes)
     summary = summarize(results, perplexity, run_dir.name)
-    routed = data.route_texts(probes["prompt"].tolist())
-    routing = summarize_routing(routing_diagnostics(routed, data.fact_paths(), probes))
+    routing = summarize_routing(routing_diagnostics(rows.routed, data.fact_paths(), probes))
     out.mkdir(exist_ok=True)
     (out / "eval_config.yaml").unlink(missing_ok=True)  # the tables below are being replaced
     with atomic_path(out / "probe_results.parquet") as tmp:
@@ -309,6 +313,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         cfg = cfg.replace(modes=tuple(args.modes.split(",")))
     if args.block_fraction is not None:
         cfg = cfg.replace(block_fraction=args.block_fraction)
+    if args.split is not None:
+        cfg = cfg.replace(split=args.split)
     summary = evaluate_run(args.run_dir, cfg, progress=not args.quiet)
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 2):
         print(summary.to_string(index=False))
@@ -321,8 +327,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run directory written by `hiermem train`")
     p.add_argument("--config", default=None, help="EvalConfig YAML")
-    p.add_argument("--modes", default=None, help=f"comma list among {','.join(BASE_MODES)}")
+    p.add_argument("--modes", default=None,
+                   help=f"comma list among {','.join(BASE_MODES)} and drop-level<l> (l = 1..depth)")
     p.add_argument("--block-fraction", type=float, default=None,
-                   help="for fetched+blocked: block this random fraction of level-1 subtrees bank-wide")
+                   help="blocked-drop/blocked-reroute: block this fraction of the nodes at blocked_level bank-wide "
+                        "(best-matching first; block_choice: random in --config) instead of each probe's own subtree")
+    p.add_argument("--split", default=None, choices=list(SPLITS), help="probes to score (default: eval)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run_eval)

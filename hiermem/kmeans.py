@@ -42,25 +42,46 @@ def _kmeans_pp(xs: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     return c
 
 
-def _balance(a: np.ndarray, k: int, factor: float, rng: np.random.Generator) -> np.ndarray:
+def _balance(a: np.ndarray, k: int, factor: float, rng: np.random.Generator,
+             w: np.ndarray | None = None) -> np.ndarray:
     """Paper's balancing: while a cluster holds more than factor/k of the points, its points and
     those of the currently smallest cluster are pooled and split evenly at random between the two.
 
+    With weights `w` (e.g. tokens per document) "holds" and "evenly" count weight instead of points:
+    the pool is split where its random order reaches half its weight.
+
     Each split lowers the sum of squared cluster sizes by at least (m/2k)^2 / 2, so the loop ends
-    within 8k^2 splits (in practice a handful)."""
-    counts = np.bincount(a, minlength=k)
-    limit = factor * len(a) / k
+    within 8k^2 splits (in practice a handful); a weighted pool whose heaviest point outweighs the
+    rest cannot be split further and ends the loop."""
+    weights = np.ones(len(a)) if w is None else np.asarray(w, dtype=np.float64)
+    counts = np.bincount(a, weights=weights, minlength=k)
+    limit = factor * weights.sum() / k
     for _ in range(8 * k * k):
         big = int(counts.argmax())
         if counts[big] <= limit:
             break
         small = int(counts.argmin())
         members = rng.permutation(np.flatnonzero((a == big) | (a == small)))
-        half = len(members) // 2
+        if w is None:
+            half = len(members) // 2
+        else:
+            cum = np.cumsum(weights[members])
+            half = int(np.searchsorted(cum, cum[-1] / 2.0))
+            half = min(max(half, 1), len(members) - 1) if len(members) > 1 else 0
         a[members[:half]] = small
         a[members[half:]] = big
-        counts[small], counts[big] = half, len(members) - half
+        new_small, new_big = weights[members[:half]].sum(), weights[members[half:]].sum()
+        if w is not None and max(new_small, new_big) >= counts[big]:
+            counts[small], counts[big] = new_small, new_big
+            break  # no progress possible (one point outweighs the pool)
+        counts[small], counts[big] = new_small, new_big
     return a
+
+
+def _over_limit(a: np.ndarray, k: int, factor: float, w: np.ndarray | None) -> bool:
+    """Does some cluster hold more than factor/k of the points (or of the weight)?"""
+    counts = np.bincount(a, weights=w, minlength=k)
+    return counts.max() > factor * counts.sum() / k
 
 
 def _onehot_sums(a: np.ndarray, xb: np.ndarray, k: int) -> np.ndarray:
@@ -68,38 +89,41 @@ def _onehot_sums(a: np.ndarray, xb: np.ndarray, k: int) -> np.ndarray:
     return (a[None, :] == np.arange(k)[:, None]).astype(np.float32) @ xb
 
 
-def _fit_node(x: np.ndarray, idx: np.ndarray, cfg: TreeConfig,
-              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, bool]:
+def _fit_node(x: np.ndarray, idx: np.ndarray, cfg: TreeConfig, rng: np.random.Generator,
+              weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
     """Split the node holding rows `idx` of the unit vectors `x`.
 
+    weights: optional per-row weights of `x` (all rows) that the balancing counts instead of points.
     Returns (centroids (k, d), nearest-child assignment of every point of the node, balanced?).
     """
     k, m = cfg.branching, len(idx)
+    wn = None if weights is None else np.asarray(weights, dtype=np.float64)[idx]
     balance = m >= _BALANCE_MIN * k
     full = m <= cfg.sample_size
+    ws = wn
     if full:  # the whole node fits in one sample: every EM step sees all points
         xs = np.take(x, idx, axis=0, mode="clip")  # clip: no per-row bounds check (~2x faster)
     else:
         perm = rng.permutation(m)
         cursor = 0
 
-        def next_sample() -> np.ndarray:
+        def next_sample() -> tuple[np.ndarray, np.ndarray | None]:
             nonlocal cursor, perm
             if cursor + cfg.sample_size > m:  # every point seen once: start a new pass
                 perm, cursor = rng.permutation(m), 0
             pick = np.sort(perm[cursor:cursor + cfg.sample_size])
             cursor += cfg.sample_size
-            return np.take(x, idx[pick], axis=0, mode="clip")
+            return np.take(x, idx[pick], axis=0, mode="clip"), (None if wn is None else wn[pick])
 
-        xs = next_sample()
+        xs, ws = next_sample()
     c = _kmeans_pp(xs, k, rng)
     prev, sums = None, None
     for step in range(cfg.em_steps):
         if not full and step > 0:
-            xs = next_sample()
+            xs, ws = next_sample()
         a = _nearest(xs, _scorer(c), _sqnorms(c))
-        if balance and np.bincount(a, minlength=k).max() > cfg.balance_factor * len(a) / k:
-            a = _balance(a, k, cfg.balance_factor, rng)
+        if balance and _over_limit(a, k, cfg.balance_factor, ws):
+            a = _balance(a, k, cfg.balance_factor, rng, ws)
         if full and prev is not None:
             # same points every step: update the cluster sums with the points that moved only
             moved = np.flatnonzero(a != prev)
@@ -120,7 +144,8 @@ def _fit_node(x: np.ndarray, idx: np.ndarray, cfg: TreeConfig,
     # "polish": the same balanced EM step on the whole node, at most `polish_steps` times, keeping
     # the most balanced state seen. On smooth data this settles under the limit; a tight cluster
     # just over the limit can keep it slightly above (logged; `level_stats` shows the max share).
-    limit = cfg.balance_factor * m / k
+    total = m if wn is None else float(wn.sum())
+    limit = cfg.balance_factor * total / k
     best = None
     for it in range(cfg.polish_steps + 1):
         ct, cn = _scorer(c), _sqnorms(c)
@@ -134,15 +159,15 @@ def _fit_node(x: np.ndarray, idx: np.ndarray, cfg: TreeConfig,
                 xb = np.take(x, idx[lo:lo + _PIECE], axis=0, mode="clip")
                 a[lo:lo + _PIECE] = _nearest(xb, ct, cn)
                 sums += _onehot_sums(a[lo:lo + _PIECE], xb, k)
-        counts = np.bincount(a, minlength=k)
+        counts = np.bincount(a, weights=wn, minlength=k)
         if it:
-            log.debug("polish step %d: largest child %.4f of %d points", it, counts.max() / m, m)
+            log.debug("polish step %d: largest child %.4f of %d points", it, counts.max() / total, m)
         if best is None or counts.max() < best[2]:
             best = (c.copy(), a, counts.max())
         if not balance or counts.max() <= limit or it == cfg.polish_steps:
             break
         before = a  # kept intact: `best` may hold it
-        a = _balance(a.copy(), k, cfg.balance_factor, rng)
+        a = _balance(a.copy(), k, cfg.balance_factor, rng, wn)
         moved = np.flatnonzero(a != before)
         xm = np.take(x, idx[moved], axis=0, mode="clip")
         sums -= _onehot_sums(before[moved], xm, k)

@@ -142,13 +142,14 @@ class MemoryBank(nn.Module):
     # ----------------------------------------------------------------------------- initialization
     @torch.no_grad()
     def init_rows_(self, rows: torch.Tensor, level: int, generator: torch.Generator | None = None) -> None:
-        """Initialize rows of `level` in place: gate/up/keys truncated normal, down/B/values zero."""
+        """Initialize rows of `level` in place: gate/up/keys truncated normal (std `init_std`, by default
+        1/sqrt(d_model)), down/B/values zero."""
         r = self.units[level]
         if rows.numel() == 0 or r == 0:
             return
         view = rows.view(rows.shape[0], len(self.memory_layers), -1)
         offset = 0
-        std = self.cfg.init_std
+        std = self.cfg.resolved_init_std(self.model_cfg.d_model)
         for spec in self.specs:
             part = view[:, :, offset:offset + r * spec.width]
             offset += r * spec.width
@@ -277,18 +278,32 @@ def _unflatten(node: int, branching: int, length: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------------- forward pieces
+# Memory acts token by token with its row's weights, so rows that share a memory may come as a group:
+# x with B*g rows against memories of B rows means rows i*g .. i*g+g-1 use memory i (scoring many
+# candidate answers of one prompt without copying its memory g times).
+def _grouped(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    if x.shape[0] == rows:
+        return x, tuple(x.shape)
+    if x.shape[0] % rows:
+        raise ValueError(f"{x.shape[0]} rows cannot share {rows} fetched memories")
+    return x.reshape(rows, -1, x.shape[-1]), tuple(x.shape)
+
+
 def ffn_memory(x: torch.Tensor, mem: dict[str, torch.Tensor]) -> torch.Tensor:
     """Extra SwiGLU units: down^T [silu(gate x) * (up x)] with per-sequence weights (gather + bmm).
 
-    x: (B, T, d); gate/up/down: (B, R, d). Equal to widening the anchor's FFN by R hidden units.
+    x: (B, T, d) (or (B*g, T, d): see above); gate/up/down: (B, R, d). Equal to widening the anchor's
+    FFN by R hidden units.
     """
+    x, shape = _grouped(x, mem["gate"].shape[0])
     hidden = F.silu(torch.bmm(x, mem["gate"].transpose(1, 2))) * torch.bmm(x, mem["up"].transpose(1, 2))
-    return torch.bmm(hidden, mem["down"])
+    return torch.bmm(hidden, mem["down"]).reshape(shape[:-1] + (mem["down"].shape[-1],))
 
 
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor, alpha: float) -> torch.Tensor:
-    """alpha * B A x with per-sequence A (B, R, in) and B^T (B, R, out); x: (B, T, in)."""
-    return alpha * torch.bmm(torch.bmm(x, a.transpose(1, 2)), b_t)
+    """alpha * B A x with per-sequence A (B, R, in) and B^T (B, R, out); x: (B, T, in) (or grouped rows)."""
+    x, shape = _grouped(x, a.shape[0])
+    return (alpha * torch.bmm(torch.bmm(x, a.transpose(1, 2)), b_t)).reshape(shape[:-1] + (b_t.shape[-1],))
 
 
 def kv_memory_attention(q: torch.Tensor, mem: dict[str, torch.Tensor], unit_mask: torch.Tensor | None,
@@ -299,11 +314,21 @@ def kv_memory_attention(q: torch.Tensor, mem: dict[str, torch.Tensor], unit_mask
     sequence whose units are all blocked gets zero.
     """
     batch, units = mem["key"].shape[:2]
+    shape = q.shape
+    if shape[0] != batch:  # grouped rows (see above): (B*g, h, T, dh) -> (B, h, g*T, dh)
+        if shape[0] % batch:
+            raise ValueError(f"{shape[0]} rows cannot share {batch} fetched memories")
+        q = q.reshape(batch, shape[0] // batch, n_heads, shape[2], head_dim).transpose(1, 2).reshape(
+            batch, n_heads, -1, head_dim)
     keys = mem["key"].view(batch, units, n_heads, head_dim).transpose(1, 2)
     values = mem["value"].view(batch, units, n_heads, head_dim).transpose(1, 2)
     if unit_mask is None:
-        return F.scaled_dot_product_attention(q, keys, values)
-    attn_mask = unit_mask[:, None, None, :].expand(batch, 1, q.shape[2], units)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask)
-    any_unit = unit_mask.any(dim=1)
-    return torch.where(any_unit[:, None, None, None], torch.nan_to_num(out), torch.zeros_like(out))
+        out = F.scaled_dot_product_attention(q, keys, values)
+    else:
+        attn_mask = unit_mask[:, None, None, :].expand(batch, 1, q.shape[2], units)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask)
+        any_unit = unit_mask.any(dim=1)
+        out = torch.where(any_unit[:, None, None, None], torch.nan_to_num(out), torch.zeros_like(out))
+    if shape[0] != batch:
+        out = out.reshape(batch, n_heads, shape[0] // batch, shape[2], head_dim).transpose(1, 2).reshape(shape)
+    return out

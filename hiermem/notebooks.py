@@ -191,16 +191,17 @@ def ensure_demo(scale: str = "smoke", data_root: str = "data", runs_dir: str | P
     otherwise `hiermem.demo.run_demo` trains what is missing and (re-)evaluates every run (the
     expensive part), writing its summary table to RUNS_DIR/summary.csv.
     """
-    from hiermem.demo import SCALES, demo_data, demo_runs, run_demo
+    from hiermem.demo import SCALES, run_demo
     from hiermem.train import is_finished
 
-    demo_scale = DEMO_SCALES[scale]
+    cfg = SCALES[DEMO_SCALES[scale]]
+    cfg = cfg.replace(data=cfg.data.replace(root=data_root))
     runs = Path(runs_dir)
-    dirs = {name: runs / name for name in demo_runs(SCALES[demo_scale], demo_data(SCALES[demo_scale], data_root), runs)}
+    dirs = {name: runs / name for name in cfg.runs}
     if all(is_finished(d) and (d / "eval" / "probe_results.parquet").is_file() for d in dirs.values()):
         print(f"reusing the finished and evaluated demo runs in {runs}")
     else:
-        run_demo(demo_scale, data_root, str(runs), str(runs), progress=False)
+        run_demo(cfg, str(runs), str(runs), progress=False)
     return dirs
 
 

@@ -9,15 +9,27 @@ Optimizer state lives per block and is allocated lazily, the first time a block 
 untouched block costs nothing (one dictionary entry per touched block, rows of state in a growable
 table). The cost of a step is proportional to the blocks fetched, not to the bank size.
 
-Documented choice: a block's AdamW step counter (and so its bias correction) advances only on the steps
-where that block is fetched, and weight decay is applied only then. On the steps where a block is used,
-the update is `torch.optim.AdamW`'s (its fused kernel, run on views of the touched rows), as if that
-optimizer had seen only those steps' gradients (tested against torch in tests/test_optim.py).
+Two semantics (`semantics=`, `OptimConfig.bank_semantics`):
+
+    lazy   a block's AdamW step counter (and so its bias correction) advances only on the steps where
+           that block is fetched, and weight decay is applied only then: the update is
+           `torch.optim.AdamW`'s as if that optimizer had seen only those steps' gradients.
+    dense  exactly `torch.optim.AdamW` over the whole bank, where a block that is not fetched in a step
+           has a zero gradient: its moments decay, its momentum keeps moving it and weight decay
+           applies. Computed lazily all the same: when a block is fetched again, the steps it skipped
+           are replayed with zero gradients (their learning rates are kept) before the forward reads
+           it, and `finalize()` brings every block up to date at the end of training. A rarely
+           fetched block moves further per fetch than under `lazy` (its momentum is not frozen).
+
+Both are tested against `torch.optim.AdamW` in tests/test_optim.py (the touched rows for `lazy`; the
+whole bank, step for step, for `dense`). On the steps where a block is used the update is computed by
+torch's own fused AdamW run on views of the touched rows.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch.optim.adamw import adamw
@@ -71,16 +83,93 @@ def _grow(t: torch.Tensor, capacity: int) -> torch.Tensor:
     return out
 
 
+SEMANTICS = ("lazy", "dense")
+
+
 class SparseBankAdamW:
     """AdamW over the blocks of a `MemoryBank`, touching only the fetched rows."""
 
     def __init__(self, bank: MemoryBank, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-8, weight_decay: float = 1e-3):
+                 eps: float = 1e-8, weight_decay: float = 1e-3, semantics: str = "lazy"):
+        if semantics not in SEMANTICS:
+            raise ValueError(f"invalid config field 'bank_semantics': expected one of {SEMANTICS}, got {semantics!r}")
         self.bank, self.lr, self.betas, self.eps, self.weight_decay = bank, lr, betas, eps, weight_decay
+        self.semantics = semantics
         self.levels = {level: _LevelState(p.shape[1], p.device, p.dtype)
                        for level, p in enumerate(bank.levels) if p.numel()}
-        log.info("sparse bank AdamW: per-block state allocated on first fetch; a block's step counter "
-                 "and weight decay advance only on steps that fetch it")
+        self.t = 0                     # steps taken
+        self.updates = {level: torch.zeros(p.shape[0], dtype=torch.long) for level, p in enumerate(bank.levels)
+                        if p.numel()}  # steps that updated each block
+        self.lrs: list[float] = []     # the learning rate of every step (dense: replayed for skipped steps)
+        # dense: the step through which each block's weights and moments are current
+        self.current = {level: torch.zeros(p.shape[0], dtype=torch.long) for level, p in enumerate(bank.levels)
+                        if p.numel()} if semantics == "dense" else {}
+        if semantics == "lazy":
+            log.info("sparse bank AdamW (lazy): per-block state allocated on first fetch; a block's step "
+                     "counter and weight decay advance only on steps that fetch it")
+        else:
+            log.info("sparse bank AdamW (dense-equivalent): skipped steps are replayed with zero gradients "
+                     "when a block is fetched again, as torch.optim.AdamW over the whole bank would")
+
+    # ------------------------------------------------------------------------------ dense replay
+    @torch.no_grad()
+    def _catch_up(self, level: int, ids: torch.Tensor, upto: int) -> None:
+        """Replay steps (current, upto] of blocks `ids` with zero gradients (torch AdamW's arithmetic)."""
+        current = self.current[level]
+        ids_cpu = ids.detach().cpu()
+        behind = ids_cpu[current[ids_cpu] < upto]
+        if not len(behind):
+            return
+        state, bank = self.levels[level], self.bank.levels[level].data
+        since = current[behind]
+        order = torch.argsort(since)
+        behind, since = behind[order], since[order]
+        has_state = torch.tensor([int(i) in state.slot_of for i in behind.tolist()], dtype=torch.bool)
+        beta1, beta2 = self.betas
+        dev_ids = behind.to(bank.device)
+        params = bank[dev_ids]
+        if bool(has_state.any()):
+            # blocks without state have zero moments: their replay is weight decay only (below)
+            slots = torch.tensor(state.slots(behind.tolist()), dtype=torch.long, device=bank.device)
+            m, v = state.exp_avg[slots], state.exp_avg_sq[slots]
+            for step in range(int(since[0]) + 1, upto + 1):
+                n = int((since < step).sum())  # rows behind at this step: a prefix (sorted by `since`)
+                lr = self.lrs[step - 1]
+                params[:n].mul_(1 - lr * self.weight_decay)
+                m[:n].mul_(beta1)
+                v[:n].mul_(beta2)
+                denom = (v[:n].sqrt() / math.sqrt(1 - beta2 ** step)).add_(self.eps)
+                params[:n].addcdiv_(m[:n], denom, value=-lr / (1 - beta1 ** step))
+            state.exp_avg[slots], state.exp_avg_sq[slots] = m, v
+        else:
+            decay = torch.ones(len(behind), dtype=params.dtype)
+            for step in range(int(since[0]) + 1, upto + 1):
+                decay[since < step] *= 1 - self.lrs[step - 1] * self.weight_decay
+            params.mul_(decay.to(params.device)[:, None])
+        bank[dev_ids] = params
+        current[behind] = upto
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Dense semantics: bring every block up to the last step (what the bank would be under
+        torch AdamW over the whole bank). Blocks never fetched only decay. A no-op for `lazy`."""
+        if self.semantics != "dense" or self.t == 0:
+            return
+        for level, current in self.current.items():
+            behind = torch.nonzero(current < self.t).flatten()
+            state = self.levels[level]
+            touched = torch.tensor([int(i) in state.slot_of for i in behind.tolist()], dtype=torch.bool)
+            if bool(touched.any()):
+                self._catch_up(level, behind[touched], self.t)
+            cold = behind[~touched]
+            if len(cold):  # no moments: replay is the product of the weight-decay factors
+                factors = torch.tensor([1 - lr * self.weight_decay for lr in self.lrs], dtype=torch.float64)
+                prefix = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(factors, 0)])
+                decay = (prefix[self.t] / prefix[current[cold]]).to(self.bank.levels[level].dtype)
+                bank = self.bank.levels[level].data
+                dev = cold.to(bank.device)
+                bank[dev] = bank[dev] * decay.to(bank.device)[:, None]
+                current[cold] = self.t
 
     def gather(self, paths: torch.Tensor, use_generic: torch.Tensor | None = None,
                blocked: torch.Tensor | None = None) -> dict[int, ActiveRows]:
@@ -88,6 +177,8 @@ class SparseBankAdamW:
         nodes = self.bank.node_indices(paths)
         active = {}
         for level in self.levels:
+            if self.semantics == "dense":  # the forward must read what dense AdamW would hold now
+                self._catch_up(level, torch.unique(nodes[:, level]), self.t)
             keep = ~getattr(self.bank, f"blocked_{level}")[nodes[:, level]]
             if blocked is not None:
                 keep &= ~blocked[:, level].to(keep.device)
@@ -109,13 +200,22 @@ class SparseBankAdamW:
         forward read: `gather` cloned them, and nothing writes the bank between gather and step.
         """
         lr = self.lr if lr is None else lr
+        self.t += 1
+        self.lrs.append(float(lr))
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for level, rows in active.items():
             if rows.rows.grad is None or not len(rows.ids):
                 continue
             state, bank, grad = self.levels[level], self.bank.levels[level].data, rows.rows.grad
             ids = rows.ids.tolist()
-            for j, (node, slot) in enumerate(zip(ids, state.slots(ids))):
+            slots = state.slots(ids)
+            self.updates[level][rows.ids.detach().cpu()] += 1
+            if self.semantics == "dense":
+                # a zero gradient elsewhere: the fetched rows' blocks were caught up in gather;
+                # their step counter is the global one
+                state.steps[torch.tensor(slots, dtype=torch.long, device=state.steps.device)] = float(self.t - 1)
+                self.current[level][rows.ids.detach().cpu()] = self.t
+            for j, (node, slot) in enumerate(zip(ids, slots)):
                 params.append(bank[node])
                 grads.append(grad[j])
                 exp_avgs.append(state.exp_avg[slot])
@@ -130,11 +230,21 @@ class SparseBankAdamW:
     def state_dict(self) -> dict:
         return {"levels": {level: s.state_dict() for level, s in self.levels.items()},
                 "hyper": {"lr": self.lr, "betas": list(self.betas), "eps": self.eps,
-                          "weight_decay": self.weight_decay}}
+                          "weight_decay": self.weight_decay, "semantics": self.semantics},
+                "t": self.t, "lrs": torch.tensor(self.lrs, dtype=torch.float64),
+                "updates": {level: u.clone() for level, u in self.updates.items()},
+                "current": {level: c.clone() for level, c in self.current.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         for level, level_state in state["levels"].items():
             self.levels[int(level)].load_state_dict(level_state)
+        self.t = int(state.get("t", 0))
+        self.lrs = [float(x) for x in state["lrs"].tolist()] if "lrs" in state else []
+        for level, u in state.get("updates", {}).items():
+            self.updates[int(level)] = u.clone().long()
+        for level, c in state.get("current", {}).items():
+            if int(level) in self.current:
+                self.current[int(level)] = c.clone().long()
 
     def state_bytes(self) -> int:
         return sum(s.exp_avg.numel() * s.exp_avg.element_size() * 2 for s in self.levels.values())

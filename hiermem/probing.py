@@ -109,6 +109,54 @@ def continuation_logprobs(model: HierMemLM, contexts: list[list[int]], continuat
 
 
 @torch.no_grad()
+def candidate_logprobs(model: HierMemLM, prompts: list[list[int]], candidates: list[list[list[int]]],
+                       memory: MemoryChoice, pad_id: int, batch_size: int = 16) -> list[np.ndarray]:
+    """log p(candidate | prompt) for every candidate continuation of every prompt.
+
+    Each prompt is run once (KV cache) and its memory fetched once; the cache is then repeated for its
+    candidates, which are scored together in one call (right-padded: causal attention keeps the padding
+    out of the scores), all sharing the prompt's memory without copies (rows grouped per prompt, see
+    `hiermem.memory`). Returns one array of scores per prompt, in the order of its candidates.
+    """
+    device = next(model.parameters()).device
+    max_len = model.model_cfg.max_seq_len
+    out: list[np.ndarray] = [np.zeros(0) for _ in prompts]
+    order = np.argsort([len(c) for c in candidates], kind="stable")  # similar candidate counts together
+    for start in range(0, len(prompts), batch_size):
+        index = order[start:start + batch_size]
+        width = max(len(candidates[i]) for i in index)  # candidates per prompt, padded with repeats
+        padded = [list(candidates[i]) + [candidates[i][0]] * (width - len(candidates[i])) for i in index]
+        longest = max(len(c) for cands in padded for c in cands)
+        batch = [list(prompts[i][-(max_len - longest):]) for i in index]
+        tokens, segments = _left_pad(batch, pad_id)
+        rows = memory.rows(index, device)
+        cache = KVCache(model.model_cfg.n_layers)
+        fetched = model.fetch(rows.get("paths"), rows.get("use_generic"), rows.get("blocked"))
+        first = torch.log_softmax(model.anchor(tokens.to(device), segments.to(device), fetched, last_n=1,
+                                               cache=cache)[:, -1].float(), dim=-1)
+        flat = [c for cands in padded for c in cands]
+        lengths = torch.tensor([len(c) for c in flat], device=device)
+        cand = torch.full((len(flat), longest), pad_id, dtype=torch.long)
+        for j, c in enumerate(flat):
+            cand[j, :len(c)] = torch.as_tensor(c, dtype=torch.long)
+        cand = cand.to(device)
+        rep = torch.arange(len(index), device=device).repeat_interleave(width)
+        scores = first[rep, cand[:, 0]]
+        if longest > 1:
+            cache.segments = cache.segments[rep]
+            for layer in cache.layers:
+                layer["k"], layer["v"] = layer["k"][rep], layer["v"][rep]
+            logits = model.anchor(cand[:, :-1], None, fetched, last_n=longest - 1, cache=cache).float()
+            logp = logits.gather(-1, cand[:, 1:, None])[..., 0] - torch.logsumexp(logits, dim=-1)
+            valid = torch.arange(1, longest, device=device)[None, :] < lengths[:, None]
+            scores = scores + (logp * valid).sum(dim=1)
+        scores = scores.double().cpu().numpy().reshape(len(index), width)
+        for j, i in enumerate(index):
+            out[i] = scores[j, :len(candidates[i])]
+    return out
+
+
+@torch.no_grad()
 def document_nll(model: HierMemLM, docs: list[np.ndarray], memory: MemoryChoice, pad_id: int,
                  batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Summed next-token NLL and number of predicted tokens per document (truncated to max_seq_len)."""

@@ -78,6 +78,7 @@ class TreeConfig(Config):
     seed: int = 0
     min_split_size: int = 0  # nodes with fewer points are not split; 0 means `branching`
     polish_steps: int = 10   # extra whole-node balanced EM steps while a child exceeds the balance limit
+    balance_by: str = "count"  # what the balancing evens out: "count" (points) or "tokens" (build weights)
 
     def validate(self) -> None:
         require(self.branching >= 2, "branching", "an integer >= 2", self.branching)
@@ -90,6 +91,7 @@ class TreeConfig(Config):
         require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
         require(self.min_split_size >= 0, "min_split_size", "an integer >= 0", self.min_split_size)
         require(self.polish_steps >= 0, "polish_steps", "an integer >= 0", self.polish_steps)
+        require(self.balance_by in ("count", "tokens"), "balance_by", "'count' or 'tokens'", self.balance_by)
 
     @property
     def min_points(self) -> int:
@@ -127,14 +129,28 @@ class HierarchicalKMeans:
     # -- build ---------------------------------------------------------------------------------
     @classmethod
     def build(cls, vectors: np.ndarray, cfg: TreeConfig | None = None, progress: bool = True,
-              threads: int | None = None, embedder_fingerprint: str | None = None) -> "HierarchicalKMeans":
+              threads: int | None = None, embedder_fingerprint: str | None = None,
+              weights: np.ndarray | None = None) -> "HierarchicalKMeans":
         """Fit the tree root to leaves on `vectors` (n, dim), normalized first; `tree.train_paths`
         holds their paths (equal to `tree.route(vectors)`). Nodes of a level are fitted in
-        parallel on `threads` threads; results do not depend on the thread count."""
+        parallel on `threads` threads; results do not depend on the thread count.
+
+        weights: (n,) positive weights of the vectors (tokens per document), required when
+        `cfg.balance_by == "tokens"`: the balancing then evens out weight per child, so that every
+        leaf gets a comparable share of training tokens (the paper's windows are all 2,048 tokens,
+        so its count balance is a token balance)."""
         cfg = cfg or TreeConfig()
         threads = threads or _default_threads()
         x = _check_vectors(vectors, None, "build")
         n, d = x.shape
+        if cfg.balance_by == "tokens":
+            if weights is None:
+                raise ValueError("build: balance_by='tokens' needs weights (tokens per vector)")
+            weights = np.asarray(weights, dtype=np.float64)
+            if weights.shape != (n,) or not np.isfinite(weights).all() or (weights <= 0).any():
+                raise ValueError(f"build: weights must be {n} positive finite numbers, got shape {weights.shape}")
+        else:
+            weights = None
         k = cfg.branching
         if n < k:
             raise ValueError(f"build: need at least branching={k} vectors, got {n}")
@@ -161,7 +177,7 @@ class HierarchicalKMeans:
                         centroids[r, 0] = x[idx].mean(axis=0)
                         return
                     rng = np.random.default_rng([cfg.seed, level, int(node_ids[r])])
-                    centroids[r], child[idx], balanced[r] = _fit_node(x, idx, cfg, rng)
+                    centroids[r], child[idx], balanced[r] = _fit_node(x, idx, cfg, rng, weights)
                     split[r] = True
 
                 by_size = np.argsort(-(ends - starts), kind="stable")  # big nodes first: better load balance

@@ -55,7 +55,8 @@ class TrainStepper:
 
     def __init__(self, model: HierMemLM, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95),
                  eps: float = 1e-8, grad_clip: float | None = 1.0, bank_lr: float | None = None,
-                 bank_weight_decay: float | None = None, freeze_anchor: bool = False):
+                 bank_weight_decay: float | None = None, freeze_anchor: bool = False,
+                 bank_semantics: str = "lazy"):
         self.model, self.grad_clip = model, grad_clip
         self.freeze_anchor = freeze_anchor
         bank_lr = lr if bank_lr is None else bank_lr
@@ -76,7 +77,7 @@ class TrainStepper:
             if generic:
                 groups.append({"params": generic, "weight_decay": bank_weight_decay, "lr": bank_lr, "role": "bank"})
             self.bank_opt = SparseBankAdamW(model.bank, lr=bank_lr, betas=betas, eps=eps,
-                                            weight_decay=bank_weight_decay)
+                                            weight_decay=bank_weight_decay, semantics=bank_semantics)
         self.opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps) if groups else None
         device = next(model.parameters()).device
         self.autocast = device.type == "cuda"
@@ -123,6 +124,11 @@ class TrainStepper:
             self.opt.step()
         rows = self.bank_opt.step(active) if active is not None else 0
         return {"loss": loss_value, "grad_norm": grad_norm, "bank_rows": rows, "finite": True}
+
+    def finalize(self) -> None:
+        """End of training: bring the bank up to date (dense bank semantics replay skipped steps)."""
+        if self.bank_opt is not None:
+            self.bank_opt.finalize()
 
     def state_dict(self) -> dict:
         return {"opt": self.opt.state_dict() if self.opt is not None else None,

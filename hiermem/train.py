@@ -2,9 +2,15 @@
 
 Stages (the paper's rows for the 160M anchor):
     pretrain         dense anchor or baseline from scratch (A1, B1, and dense ladders)
+    continue         a pretrained dense run continued, dense (the control for a memory stage: same
+                     extra tokens, same sequences, same schedule, no memory)
     memory-cotrain   anchor initialized from a pretrained run and trained together with the bank (A2)
     memory-frozen    anchor initialized from a pretrained run and frozen; only memories train (A3)
     memory-scratch   anchor and memories both from scratch (A4)
+
+Stages that start from a pretrained run (continue, memory-cotrain) can continue its learning rate:
+`optim.rewarm: x` sets the anchor's peak LR to x times that run's final LR (a short re-warm), instead of
+`optim.lr`; without it the schedule restarts at `optim.lr`.
 
 Memory runs use cluster-packed sequences; each sequence uses the generic block instead of its fetched
 blocks with probability `generic_prob` (default 1/(k+1), the paper's 1/17 for k = 16; sampled per
@@ -37,7 +43,7 @@ from hiermem.accounting import count
 from hiermem.checkpoint import load_anchor_weights, load_weights, save_checkpoint
 from hiermem.config import MemoryConfig, ModelConfig, model_preset
 from hiermem.configbase import Config, require
-from hiermem.data.packing import SequenceLoader
+from hiermem.data.packing import SequenceLoader, block_updates, update_report
 from hiermem.data.pipeline import DataConfig, build_data
 from hiermem.io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, check_writable_dir, read_jsonl
 from hiermem.model import HierMemLM
@@ -45,7 +51,9 @@ from hiermem.provenance import provenance
 from hiermem.stepper import TrainStepper, cosine_lr
 
 log = logging.getLogger(__name__)
-STAGES = ("pretrain", "memory-cotrain", "memory-frozen", "memory-scratch")
+MIN_EXPECTED_UPDATES = 10  # a memory block expected to be updated fewer times is warned about
+STAGES = ("pretrain", "continue", "memory-cotrain", "memory-frozen", "memory-scratch")
+INIT_STAGES = ("continue", "memory-cotrain", "memory-frozen")
 
 
 class TrainingDiverged(RuntimeError):
@@ -67,8 +75,12 @@ class OptimConfig(Config):
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
+    bank_semantics: str = "dense"  # lazy | dense (hiermem.optim)
+    rewarm: float | None = None  # continue/cotrain: anchor peak LR = rewarm x the init run's final LR
 
     def validate(self) -> None:
+        require(self.bank_semantics in ("lazy", "dense"), "bank_semantics", "'lazy' or 'dense'", self.bank_semantics)
+        require(self.rewarm is None or self.rewarm > 0, "rewarm", "null or a positive factor", self.rewarm)
         for name in ("lr", "bank_lr", "eps"):
             require(getattr(self, name) > 0, name, "a positive number", getattr(self, name))
         for name in ("final_lr", "bank_final_lr", "weight_decay", "bank_weight_decay", "grad_clip"):
@@ -101,12 +113,12 @@ class TrainConfig(Config):
 
     def validate(self) -> None:
         require(self.stage in STAGES, "stage", f"one of {list(STAGES)}", self.stage)
-        memory_stage = self.stage != "pretrain"
+        memory_stage = self.stage.startswith("memory-")
         require(not memory_stage or (self.memory is not None and self.memory.enabled), "memory",
                 f"a memory config with some r > 0 for stage {self.stage!r}", self.memory)
         require(memory_stage or self.memory is None or not self.memory.enabled, "memory",
-                "no memory for stage 'pretrain' (use memory-scratch to train both from scratch)", self.memory)
-        needs_init = self.stage in ("memory-cotrain", "memory-frozen")
+                f"no memory for stage {self.stage!r} (use memory-scratch to train both from scratch)", self.memory)
+        needs_init = self.stage in INIT_STAGES
         require(bool(self.init_from) == needs_init, "init_from",
                 "the run directory of a pretrained anchor" if needs_init else "empty for this stage", self.init_from)
         require(self.tokens > 0 or self.flops > 0, "tokens", "a positive token budget (or flops > 0)", self.tokens)
@@ -135,13 +147,23 @@ class TrainConfig(Config):
 
     @property
     def uses_memory(self) -> bool:
-        return self.stage != "pretrain"
+        return self.stage.startswith("memory-")
 
     @property
     def resolved_packing(self) -> str:
+        """auto: clustered for memory stages and for `continue` (the same sequences as the memory stage
+        it controls), plain for pretraining."""
         if self.packing != "auto":
             return self.packing
-        return "clustered" if self.uses_memory else "plain"
+        return "clustered" if self.uses_memory or self.stage == "continue" else "plain"
+
+    def anchor_lr(self) -> tuple[float, float]:
+        """(peak, final) LR of the anchor: with `optim.rewarm`, the peak continues the init run's final LR."""
+        o = self.optim
+        if o.rewarm is None or not self.init_from:
+            return o.lr, o.final_lr
+        parent = TrainConfig.load(Path(self.init_from) / "config.yaml")
+        return o.rewarm * parent.anchor_lr()[1], o.final_lr
 
     @property
     def resolved_generic_prob(self) -> float:
@@ -221,13 +243,23 @@ def train(cfg: TrainConfig, run_dir: str | Path, progress: bool = True, stop_aft
         load_anchor_weights(model, final_checkpoint(cfg.init_from))
     model.to(device)
     o = cfg.optim
-    stepper = TrainStepper(model, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps,
+    peak_lr, final_lr = cfg.anchor_lr()
+    stepper = TrainStepper(model, lr=peak_lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps,
                            grad_clip=o.grad_clip or None, bank_lr=o.bank_lr, bank_weight_decay=o.bank_weight_decay,
-                           freeze_anchor=cfg.stage == "memory-frozen")
+                           freeze_anchor=cfg.stage == "memory-frozen", bank_semantics=o.bank_semantics)
     sequences = data.sequences(cfg.resolved_packing)
     loader = SequenceLoader(sequences, batch_size=min(cfg.batch_size, len(sequences)), seed=cfg.seed)
     warmup = round(o.warmup_fraction * total_steps)
     generic_prob = cfg.resolved_generic_prob
+    expected = None
+    if cfg.uses_memory:
+        expected = update_report(block_updates(sequences, cfg.memory.branching, cfg.batch_size, total_steps,
+                                               cfg.seed, generic_prob, depth=cfg.memory.depth))
+        for row in expected:
+            if row["updates_min"] < MIN_EXPECTED_UPDATES:
+                log.warning("memory level %d: the least fetched block is expected to be updated only %.1f times "
+                            "in %d steps (median %.1f); raise the token budget or use a smaller tree",
+                            row["level"], row["updates_min"], total_steps, row["updates_median"])
 
     start_step = 0
     ckpt_dir = run_dir / "checkpoint"
@@ -259,7 +291,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, progress: bool = True, stop_aft
             bar.close()
             return run_dir
         tokens, segments, paths = (t.to(device) for t in next(batches))
-        lr = cosine_lr(step, total_steps, warmup, o.lr, o.final_lr)
+        lr = cosine_lr(step, total_steps, warmup, peak_lr, final_lr)
         bank_lr = cosine_lr(step, total_steps, warmup, o.bank_lr, o.bank_final_lr)
         stepper.set_lr(lr, bank_lr)
         use_generic = _generic_mask(cfg.seed, step, tokens.shape[0], generic_prob) if cfg.uses_memory else None
@@ -287,6 +319,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, progress: bool = True, stop_aft
             _save_train_state(model, stepper, loader, done, ckpt_dir)
     bar.close()
 
+    stepper.finalize()  # dense bank semantics: every block brought up to the last step
     with atomic_dir(run_dir / "final") as tmp:
         save_checkpoint(model, tmp, extra={"stage": cfg.stage, "steps": total_steps})
     metrics = read_jsonl(run_dir / "metrics.jsonl")
@@ -294,10 +327,28 @@ def train(cfg: TrainConfig, run_dir: str | Path, progress: bool = True, stop_aft
                "final_loss": metrics[-1]["loss"] if metrics else None, **acc.to_dict(),
                "generic_prob": generic_prob, "packing": cfg.resolved_packing,
                "touched_blocks": stepper.bank_opt.touched_blocks() if stepper.bank_opt else {},
-               "optimizer_note": "bank AdamW state per block, advancing only on steps that fetch the block"}
+               "bank_semantics": o.bank_semantics, "anchor_lr": [peak_lr, final_lr],
+               "expected_block_updates": expected, "block_updates": _measured_updates(stepper, sequences, cfg)}
     atomic_write_json(run_dir / "summary.json", summary)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return run_dir
+
+
+def _measured_updates(stepper: TrainStepper, sequences, cfg: TrainConfig) -> list[dict] | None:
+    """Per level: min/median/max of the steps that updated each block, over blocks with sequences."""
+    if stepper.bank_opt is None:
+        return None
+    k, flat, rows = cfg.memory.branching, np.zeros(len(sequences), dtype=np.int64), []
+    for level in range(cfg.memory.depth):
+        flat = flat * k + sequences.paths[:, level]
+        if level not in stepper.bank_opt.updates:
+            continue
+        counts = stepper.bank_opt.updates[level]
+        used = np.bincount(flat, minlength=len(counts)) > 0
+        values = counts.numpy()[used]
+        rows.append({"level": level + 1, "updates_min": int(values.min()), "updates_median": float(np.median(values)),
+                     "updates_max": int(values.max())})
+    return rows
 
 
 def _ckpt_step(ckpt_dir: Path) -> int:

@@ -192,7 +192,7 @@ def test_attribution_on_a_real_smoke_run(evaluated_memory_run, tmp_path):
     curve = accuracy_by_frequency(results)
     assert curve.groupby("mode")["bucket_index"].apply(lambda s: s.is_monotonic_increasing).all()
     assert "cloze" not in set(curve["bucket"]) and curve["n"].sum() == len(results[results["bucket"] != "cloze"])
-    assert {"fetched+blocked", "wrong-path", "oracle-path"} <= set(blocking_effect(results)["mode"])
+    assert {"blocked-reroute", "wrong-path", "oracle-path"} <= set(blocking_effect(results)["mode"])
     assert set(level_contribution(results, n_boot=50)["level"]) == {1, 2}
     gains = memory_gain(results, n_boot=50)
     assert set(gains["baseline"]) == {"none", "generic"}

@@ -1,25 +1,50 @@
-"""The main job end to end at smoke scale: five runs, every mode, the summary table."""
+"""The main job end to end at smoke scale: every run and control, every mode, the summary and claims tables."""
 
 import pandas as pd
+import pytest
 
+from analysis.claims import CLAIM_COLUMNS
 from hiermem.cli import main
+from hiermem.demo import RUNS, DemoConfig, SCALES
 
 
-def test_demo_smoke_writes_summary(tmp_path, capsys):
+def test_demo_smoke_writes_summary_and_claims(tmp_path, capsys):
     args = ["demo", "--scale", "smoke", "--data-root", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"),
             "--out-dir", str(tmp_path / "results"), "--quiet"]
     assert main(args) == 0
     table = pd.read_csv(tmp_path / "results" / "summary.csv")
-    assert {"model", "mode", "avg_sk", "avg_ck", "ppl"} <= set(table.columns)
-    assert any(c.startswith("atomic_b0") for c in table.columns)
+    assert {"model", "mode", "avg_sk", "avg_sk_rank", "avg_ck", "ppl", "train_tokens"} <= set(table.columns)
     models = table.groupby("model")["mode"].apply(list).to_dict()
-    assert set(models) == {"anchor", "memory-frozen", "memory-cotrain", "dense-same-active", "dense-2x"}
-    assert models["anchor"] == ["none"] and models["dense-2x"] == ["none"]
-    assert {"none", "generic", "fetched", "fetched+blocked", "wrong-path", "oracle-path"} <= set(models["memory-cotrain"])
-    runtime = table.drop_duplicates("model").set_index("model")["runtime_params"]
-    assert runtime["dense-same-active"] == runtime["memory-cotrain"]  # same active parameters
-    assert 1.8 < runtime["dense-2x"] / runtime["anchor"] < 2.6
+    assert set(models) == set(RUNS)
+    assert models["anchor"] == ["none"] and models["dense-2x"] == ["none"] and models["continued"] == ["none"]
+    assert {"none", "generic", "fetched", "blocked-drop", "blocked-reroute", "wrong-path",
+            "oracle-path"} <= set(models["memory-frozen"])
+    first = table.drop_duplicates("model").set_index("model")
+    assert first.loc["dense-same-active", "runtime_params"] == first.loc["memory-cotrain", "runtime_params"]
+    assert 1.8 < first.loc["dense-2x", "runtime_params"] / first.loc["anchor", "runtime_params"] < 2.6
+    # the controls see the memory model's total tokens (anchor + memory stage)
+    smoke = SCALES["smoke"]
+    total = smoke.anchor_tokens + smoke.memory_tokens
+    for model in ("memory-frozen", "continued", "dense-same-active", "dense-2x"):
+        assert first.loc[model, "train_tokens"] == total, model
+    claims = pd.read_csv(tmp_path / "results" / "claims.csv")
+    assert list(claims.columns) == list(CLAIM_COLUMNS)
+    assert {"fetched_vs_none_sk", "memory_vs_continued_sk", "blocking_removes_gain", "anchor_competent",
+            "routing_consistency_sk"} <= set(claims["claim"])
     out = capsys.readouterr().out
-    assert "memory-cotrain" in out and "summary.csv" in out
-    # a second run reuses every finished run
+    assert "memory-frozen" in out and "claims.csv" in out and "fetched_vs_none_sk" in out
+    # a second run reuses every finished run and writes the same claims
     assert main(args) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "results" / "claims.csv"), claims)
+
+
+def test_demo_config_overrides_a_scale(tmp_path):
+    path = tmp_path / "pilot.yaml"
+    path.write_text("scale: smoke\nmemory_tokens: 1000\nmemory_optim: {bank_lr: 0.05}\neval: {split: val}\n")
+    cfg = DemoConfig.load(path)
+    assert cfg.memory_tokens == 1000 and cfg.memory_optim.bank_lr == 0.05 and cfg.eval.split == "val"
+    assert cfg.memory_optim.bank_semantics == SCALES["smoke"].memory_optim.bank_semantics  # the rest kept
+    assert cfg.data == SCALES["smoke"].data
+    path.write_text("scale: smoke\nruns: [anchor, nonsense]\n")
+    with pytest.raises(ValueError, match="runs"):
+        DemoConfig.load(path)

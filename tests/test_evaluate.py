@@ -8,8 +8,9 @@ import torch
 from hiermem.checkpoint import load_model
 from hiermem.config import MemoryConfig
 from hiermem.data.pipeline import build_data
-from hiermem.evaluate import BASE_MODES, EvalConfig, evaluate_run, score_probes
-from hiermem.probing import MemoryChoice, answer_matches, continuation_logprobs, greedy_generate
+from hiermem.evaluate import BASE_MODES, EvalConfig, eval_modes, evaluate_run, heldout_perplexity, score_probes
+from hiermem.probing import (MemoryChoice, answer_matches, candidate_logprobs, continuation_logprobs, document_nll,
+                             greedy_generate)
 from hiermem.train import TrainConfig, final_checkpoint, train
 
 
@@ -22,46 +23,91 @@ def memory_run(smoke_data_config, pretrained_anchor, tmp_path_factory):
 
 
 def test_every_mode_on_a_smoke_model(memory_run, smoke_data_config):
-    summary = evaluate_run(memory_run, EvalConfig(heldout_docs_per_source=20))
+    summary = evaluate_run(memory_run, EvalConfig(heldout_docs_per_source=20, split="all"))
     modes = list(summary["mode"])
     assert modes == list(BASE_MODES) + ["drop-level1", "drop-level2"]
     results = pd.read_parquet(memory_run / "eval" / "probe_results.parquet")
     n_probes = len(build_data(smoke_data_config, progress=False).probes)
     assert len(results) == n_probes * len(modes)
-    assert {"avg_sk", "avg_ck", "ppl", "atomic_all"} <= set(summary.columns)
+    assert {"avg_sk", "avg_ck", "avg_sk_rank", "avg_sk_mc", "ppl", "atomic_all"} <= set(summary.columns)
     assert summary.set_index("mode").loc["fetched", "ppl"] > 1
     ppl = pd.read_csv(memory_run / "eval" / "perplexity.csv")
     assert set(ppl["source"]) >= {"wiki", "factbook"}
     logprob = results.pivot(index="probe_id", columns="mode", values="answer_logprob")
     assert not np.allclose(logprob["none"], logprob["fetched"])  # the trained memory matters
-    assert np.allclose(logprob["fetched+blocked"], logprob["none"], atol=1e-4)  # whole routed subtree dropped
+    assert np.allclose(logprob["blocked-drop"], logprob["none"], atol=1e-4)  # whole routed subtree dropped
+    assert not np.allclose(logprob["blocked-reroute"], logprob["fetched"])  # another subtree's blocks
+    # ranking beats every candidate, so it implies beating the multiple-choice subset
+    assert (~results["rank_correct"] | results["mc_correct"]).all()
     routing = pd.read_csv(memory_run / "eval" / "routing.csv")
     assert "match_l1" in routing.columns
 
 
 def test_dense_model_has_only_none_mode(pretrained_anchor):
-    summary = evaluate_run(pretrained_anchor, EvalConfig(heldout_docs_per_source=10, mc_candidates=2))
+    summary = evaluate_run(pretrained_anchor, EvalConfig(heldout_docs_per_source=10, mc_candidates=2, split="all"))
     assert list(summary["mode"]) == ["none"]
 
 
-def test_blocked_fraction_changes_nothing_else(memory_run, smoke_data_config):
+def test_perplexity_uses_the_probes_mode_objects(memory_run, smoke_data_config):
+    """Bug caught: blocking switched on for probes only (perplexity under blocking equal to fetched),
+    or perplexity scored with another mode's memory. Checked against document_nll with the blocked
+    path built by hand."""
+    data = build_data(smoke_data_config, progress=False)
+    model = load_model(final_checkpoint(memory_run)).eval()
+    cfg = EvalConfig(heldout_docs_per_source=8, split="all", seed=0)
+    modes = ["none", "fetched", "blocked-drop", "blocked-reroute"]
+    with torch.no_grad():
+        ppl = heldout_perplexity(model, data, cfg, modes).set_index(["source", "mode"])["nll"]
+    source = "wiki"
+    assert ppl[(source, "blocked-reroute")] != pytest.approx(ppl[(source, "fetched")], rel=1e-6)
+    assert ppl[(source, "blocked-drop")] == pytest.approx(ppl[(source, "none")], rel=1e-6)
+    # independent: the first sampled wiki docs rerouted by hand around their own level-1 subtree
+    corpus = data.corpus
+    heldout = corpus.index[(corpus["split"] == "heldout")].to_numpy()
+    rng = np.random.default_rng(cfg.seed)
+    by_source = corpus.iloc[heldout].groupby("source").indices
+    for name, idx in by_source.items():  # replay the sampler in heldout_perplexity's order
+        chosen = heldout[idx]
+        if len(chosen) > cfg.heldout_docs_per_source:
+            chosen = np.sort(rng.choice(chosen, cfg.heldout_docs_per_source, replace=False))
+        if name == source:
+            break
+    vectors = np.load(data.dirs["emb"] / "embeddings.npy")[chosen]
+    paths = np.stack([data.tree.route(vectors[i:i + 1], blocked=[(int(p[0]),)])[0]
+                      for i, p in enumerate(data.doc_paths[chosen])])
+    nll, counts = document_nll(model, [data.doc_tokens[i] for i in chosen], MemoryChoice(paths=paths), data.pad_id)
+    assert ppl[(source, "blocked-reroute")] == pytest.approx(nll.sum() / counts.sum(), rel=1e-5)
+
+
+def test_bank_wide_blocking_changes_only_the_blocked_subtrees(memory_run, smoke_data_config):
     data = build_data(smoke_data_config, progress=False)
     model = load_model(final_checkpoint(memory_run)).eval()
     probes = data.probes.sample(150, random_state=0).reset_index(drop=True)
-    routed_first = set(data.route_texts(probes["prompt"].tolist())[:, 0].tolist())
-    for seed in range(50):  # a seed whose blocked quarter of the bank holds some but not all probes
-        prefixes = {p[0] for p in load_model(final_checkpoint(memory_run)).bank.block_fraction(0.25, seed=seed)}
-        if prefixes & routed_first and routed_first - prefixes:
-            break
-    cfg = EvalConfig(modes=("fetched", "fetched+blocked"), level_ablation=False, block_fraction=0.25, seed=seed)
-    results = score_probes(model, data, probes, cfg, ["fetched", "fetched+blocked"])
-    assert not model.bank.blocked_0.any()  # blocking is undone after the mode
+    cfg = EvalConfig(modes=("fetched", "blocked-drop"), level_ablation=False, block_fraction=0.25,
+                     block_choice="random", seed=1)
+    blocked = eval_modes(model, data, cfg, ["blocked-drop"], probes)["blocked-drop"].blocking.prefixes
+    assert len(blocked) == 1
+    results = score_probes(model, data, probes, cfg, ["fetched", "blocked-drop"])
     wide = results.pivot(index="probe_id", columns="mode", values="answer_logprob").loc[probes["probe_id"]]
     first_level = np.array([int(p.split(",")[0]) for p in results[results["mode"] == "fetched"]["routed_path"]])
-    untouched = ~np.isin(first_level, list(prefixes))
+    untouched = first_level != blocked[0][0]
     assert untouched.any() and (~untouched).any()
-    np.testing.assert_allclose(wide["fetched"].to_numpy()[untouched], wide["fetched+blocked"].to_numpy()[untouched])
-    assert not np.allclose(wide["fetched"].to_numpy()[~untouched], wide["fetched+blocked"].to_numpy()[~untouched])
+    np.testing.assert_allclose(wide["fetched"].to_numpy()[untouched], wide["blocked-drop"].to_numpy()[untouched])
+    assert not np.allclose(wide["fetched"].to_numpy()[~untouched], wide["blocked-drop"].to_numpy()[~untouched])
+
+
+def test_candidate_scores_equal_one_continuation_at_a_time(memory_run):
+    """Bug caught: the cached candidate scorer misaligning positions, counting padding, or reusing one
+    row's cache for another row's candidates."""
+    model = load_model(final_checkpoint(memory_run)).eval()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
+    candidates = [[[13, 14], [15], [16, 17, 18]], [[15]], [[20, 21], [22]]]
+    memory = MemoryChoice(paths=np.array([[0, 1], [2, 3], [1, 1]]))
+    cached = candidate_logprobs(model, prompts, candidates, memory, pad_id=1, batch_size=2)
+    for i, (prompt, cands) in enumerate(zip(prompts, candidates)):
+        row = MemoryChoice(paths=memory.paths[[i] * len(cands)])
+        direct = continuation_logprobs(model, [prompt] * len(cands), cands, row, pad_id=1)
+        np.testing.assert_allclose(cached[i], direct, rtol=1e-5, atol=1e-5)
 
 
 def test_answer_matching():
@@ -92,6 +138,8 @@ def test_probe_sample_keeps_every_bucket():
                            "bucket": ["b0"] * 40 + ["b1"] * 5 + ["b2"] * 5 + ["b0"] * 10,
                            "probe_id": range(60)})
     picked = select_probes(probes, 6, seed=0)
+    with pytest.raises(ValueError, match="no probes in split 'val'"):
+        select_probes(probes.assign(split="eval"), 6, seed=0, split="val")
     assert picked.groupby("relation").size().to_dict() == {"a": 6, "b": 6}
     assert picked[picked.relation == "a"].groupby("bucket").size().to_dict() == {"b0": 2, "b1": 2, "b2": 2}
     assert list(picked["probe_id"]) == sorted(picked["probe_id"])

@@ -83,6 +83,23 @@ def test_batched_fetch_equals_each_sequence_alone(memory_type):
 
 
 @pytest.mark.parametrize("memory_type", MEMORY_TYPES)
+def test_grouped_rows_share_their_memory_like_repeated_fetches(memory_type):
+    """Rows i*g..i*g+g-1 against B fetched memories equal fetching memory i for each of them (the
+    candidate scorer relies on it); a row count that is not a multiple is refused."""
+    model = _model(memory_type)
+    _perturb_bank(model)
+    tokens, paths = _batch(b=6)
+    blocked = torch.zeros(3, 3, dtype=torch.bool)
+    blocked[1, 2] = True  # a blocked unit: the KV mask must follow the grouping too
+    fetched = model.fetch(paths[:3], blocked=blocked)
+    grouped = model.anchor(tokens, None, fetched)
+    repeated = model(tokens, paths=paths[:3].repeat_interleave(2, dim=0), blocked=blocked.repeat_interleave(2, dim=0))
+    torch.testing.assert_close(grouped, repeated, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot share"):
+        model.anchor(tokens[:5], None, fetched)
+
+
+@pytest.mark.parametrize("memory_type", MEMORY_TYPES)
 def test_blocked_blocks_contribute_nothing(memory_type):
     model = _model(memory_type, multipliers=(3, 2, 1))
     _perturb_bank(model)

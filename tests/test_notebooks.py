@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from hiermem.cli import main
+from hiermem.demo import RUNS
 from hiermem.notebooks import (NOTEBOOK_DIR, NotebookError, attempt, check_notebook, check_notebooks, list_notebooks,
                                notebook_parameters, run_notebook, strip_outputs)
 
@@ -129,7 +130,8 @@ def evaluated_runs(smoke_data_config, pretrained_anchor, tmp_path_factory):
     return {"anchor": str(anchor), "memory-cotrain": str(memory)}
 
 
-KNOWLEDGE_FILES = ("tables/summary.csv", "accuracy_by_frequency.png", "attribution_by_bucket.png", "memory_gain.png",
+KNOWLEDGE_FILES = ("tables/summary.csv", "figure1_accuracy_by_exposures.png", "tables/figure1_accuracy_by_exposures.csv",
+                   "tables/claims.csv", "accuracy_by_frequency.png", "attribution_by_bucket.png", "memory_gain.png",
                    "blocking.png", "level_contribution.png", "tables/accuracy_by_frequency.csv",
                    "tables/attribution_per_probe.csv", "tables/attribution_by_group.csv",
                    "tables/attribution_by_relation.csv", "tables/memory_gain.csv")
@@ -154,7 +156,7 @@ def test_knowledge_attribution_notebook_runs_the_demo(tmp_path):
     run_notebook("knowledge_attribution", tmp_path / "first", parameters=params)
     _files(tmp_path / "first" / "knowledge_attribution", *KNOWLEDGE_FILES)
     summary = pd.read_csv(tmp_path / "first" / "knowledge_attribution" / "tables" / "summary.csv")
-    assert set(summary["run"]) == {"anchor", "memory-frozen", "memory-cotrain", "dense-same-active", "dense-2x"}
+    assert set(summary["run"]) == set(RUNS)
     executed = run_notebook("knowledge_attribution", tmp_path / "second", parameters=params)
     assert "reusing the finished and evaluated demo runs" in executed.read_text()
 

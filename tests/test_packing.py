@@ -147,3 +147,33 @@ def test_loader_batches_epochs_and_exact_resume(corpus):
         SequenceLoader(packed, batch_size=len(packed) + 1, seed=0)
     last = SequenceLoader(packed, batch_size=len(packed) - 1, seed=0, drop_last=False)
     assert last.batches_per_epoch == 2 and len(next(last)[0]) == len(packed) - 1 and len(next(last)[0]) == 1
+
+
+def test_block_updates_replay_the_loader():
+    """Expected updates per block equal a count over the real SequenceLoader's batches; with a generic
+    probability p a block with m sequences in a batch counts 1 - p^m."""
+    import numpy as np
+    from hiermem.data.packing import PackedSequences, SequenceLoader, block_updates
+
+    rng = np.random.default_rng(0)
+    n, k = 37, 3
+    paths = rng.integers(0, k, size=(n, 2))
+    packed = PackedSequences(tokens=np.zeros((n, 4), np.int32), segment_ids=np.zeros((n, 4), np.int32),
+                             paths=paths, doc_index=np.zeros((n, 4), np.int32))
+    steps, batch = 11, 5
+    plain = block_updates(packed, k, batch, steps, seed=3)
+    generic = block_updates(packed, k, batch, steps, seed=3, generic_prob=0.5)
+    counts = [np.zeros(k), np.zeros(k * k)]
+    weighted = [np.zeros(k), np.zeros(k * k)]
+    loader = iter(SequenceLoader(packed, batch, seed=3))
+    for _ in range(steps):
+        _, _, p = next(loader)
+        p = p.numpy()
+        for level, flat in enumerate((p[:, 0], p[:, 0] * k + p[:, 1])):
+            nodes, m = np.unique(flat, return_counts=True)
+            counts[level][nodes] += 1
+            weighted[level][nodes] += 1 - 0.5 ** m
+    for level in range(2):
+        np.testing.assert_array_equal(plain[level]["updates"], counts[level])
+        np.testing.assert_allclose(generic[level]["updates"], weighted[level])
+    assert plain[1]["sequences"].sum() == n

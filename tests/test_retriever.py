@@ -304,3 +304,34 @@ def test_routing_equals_a_faiss_exact_search_descent():
     clear = margin > 1e-5  # float32 ties aside, both must agree
     assert clear.mean() > 0.95
     np.testing.assert_array_equal(tree.route(q)[clear], ref[clear])
+
+
+def test_weighted_balance_step_caps_every_cluster_by_weight():
+    """Bug caught: the balancing counting points while the config says tokens."""
+    rng = np.random.default_rng(1)
+    for k in (4, 8):
+        for _ in range(10):
+            a = rng.choice(k, size=2000, p=rng.dirichlet(np.full(k, 0.3)))
+            w = rng.integers(10, 300, size=2000).astype(float)
+            out = _balance(a.copy(), k, 1.5, rng, w)
+            weight = np.bincount(out, weights=w, minlength=k)
+            assert weight.max() <= 1.5 * w.sum() / k + w.max()  # within one document of the cap
+
+
+def test_token_balancing_evens_tokens_per_leaf_against_the_count_rule():
+    """Long documents in one region: counting documents gives its leaves far more tokens; balancing
+    by tokens caps every child's share of the tokens."""
+    rng = np.random.default_rng(0)
+    centers = 0.5 * rng.standard_normal((4, 16)).astype(np.float32)  # overlapping regions, as real embeddings
+    x = np.concatenate([c + rng.standard_normal((1000, 16)).astype(np.float32) for c in centers])
+    tokens = np.concatenate([np.full(1000, 250.0), np.full(3000, 20.0)])  # blob 0: long windows
+    shares = {}
+    for rule in ("count", "tokens"):
+        cfg = TreeConfig(branching=4, depth=1, balance_by=rule, seed=0)
+        tree = HierarchicalKMeans.build(x, cfg, progress=False, weights=tokens)
+        per_leaf = np.bincount(tree.train_paths[:, 0], weights=tokens, minlength=4)
+        shares[rule] = per_leaf.max() / per_leaf.sum()
+    assert shares["tokens"] <= 1.5 / 4 + 0.02
+    assert shares["count"] > shares["tokens"] + 0.1, shares
+    with pytest.raises(ValueError, match="weights"):
+        HierarchicalKMeans.build(x, TreeConfig(branching=4, depth=1, balance_by="tokens"), progress=False)

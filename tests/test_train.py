@@ -129,3 +129,39 @@ def test_cli_train_and_eval_round_trip(smoke_data_config, pretrained_anchor, tmp
     assert (tmp_path / "cli" / "eval" / "summary.csv").exists()
     assert main(["train", str(tmp_path / "nope.yaml")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_continue_stage_and_rewarm(smoke_data_config, pretrained_anchor, tmp_path):
+    """Bug caught: co-training restarting at the anchor's peak LR when rewarm is set; the continued
+    control not starting from the anchor's weights or not using the memory stage's sequences."""
+    parent = TrainConfig.load(pretrained_anchor / "config.yaml")
+    cfg = _memory_cfg(smoke_data_config, pretrained_anchor, optim=TrainConfig().optim.replace(
+        lr=1.0, final_lr=1e-6, rewarm=3.0, warmup_fraction=0.0))
+    assert cfg.anchor_lr() == (pytest.approx(3.0 * parent.optim.final_lr), 1e-6)
+    run = train(cfg, tmp_path / "rewarm", progress=False)
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["lr"] <= 3.0 * parent.optim.final_lr  # never above the re-warmed peak (1.0 would be the restart)
+    # the dense control: continue from the anchor with (almost) no learning keeps its weights
+    still = TrainConfig(stage="continue", anchor="tiny-d1", data=smoke_data_config, init_from=str(pretrained_anchor),
+                        tokens=2 * 4 * 128, batch_size=4, optim=TrainConfig().optim.replace(lr=1e-12, final_lr=0.0,
+                                                                                             weight_decay=0.0))
+    assert still.resolved_packing == "clustered" and not still.uses_memory
+    run = train(still, tmp_path / "continued", progress=False)
+    a, b = load_model(final_checkpoint(pretrained_anchor)), load_model(final_checkpoint(run))
+    assert b.bank is None
+    for (name, x), y in zip(a.anchor.state_dict().items(), b.anchor.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="memory"):
+        TrainConfig(stage="continue", memory=MEMORY, data=smoke_data_config, init_from=str(pretrained_anchor))
+
+
+def test_measured_block_updates_match_the_expected_replay(smoke_data_config, pretrained_anchor, tmp_path):
+    """The optimizer's count of updates per block equals the loader replay of hiermem.data.packing
+    (no generic draws: probability 0), level by level."""
+    cfg = _memory_cfg(smoke_data_config, pretrained_anchor, stage="memory-frozen", generic_prob=0.0)
+    run = train(cfg, tmp_path / "counted", progress=False)
+    summary = json.loads((run / "summary.json").read_text())
+    for expected, measured in zip(summary["expected_block_updates"], summary["block_updates"]):
+        assert expected["updates_min"] == measured["updates_min"]
+        assert expected["updates_median"] == measured["updates_median"]
+        assert expected["updates_max"] == measured["updates_max"]

@@ -2,11 +2,15 @@
 
     hiermem data build --preset small [--embedder minilm] [--root data] [--seed 0] [--config data.yaml]
     hiermem data stats --preset small [--json]
+    hiermem data stats --demo default --tokens 1500000 --batch-size 32      # the main job's data
 
 `build` runs every missing stage of the pipeline (corpus, tokenizer, embeddings, tree, routes, packed
 sequences); `stats` prints sizes, per-level cluster statistics (sizes, balance, purity against source
-and topic), the probes per group and frequency bucket, and routing diagnostics: how often a probe's
-prompt routes to the node where most of its fact's documents went, per level and bucket.
+and topic), the probes per group and frequency bucket, routing diagnostics (how often a probe's
+prompt routes to the node where most of its fact's documents went, per level and bucket: at the last
+level, the share routed to the fact's majority leaf), and the memory blocks' budget: packed sequences
+per node and, given `--tokens` and `--batch-size`, the expected number of updates of each block
+(min / median / max per level).
 """
 
 from __future__ import annotations
@@ -17,12 +21,16 @@ import json
 import numpy as np
 import pandas as pd
 
+from hiermem.data.packing import block_updates, update_report
 from hiermem.data.pipeline import DataBundle, DataConfig, build_data
 from hiermem.diagnostics import routing_diagnostics, summarize_routing
 
 
 def _config(args: argparse.Namespace) -> DataConfig:
-    if args.config:
+    if getattr(args, "demo", None):
+        from hiermem.demo import SCALES
+        cfg = SCALES[args.demo].data
+    elif args.config:
         cfg = DataConfig.load(args.config)
     else:
         cfg = DataConfig.preset(args.preset)
@@ -36,8 +44,12 @@ def _config(args: argparse.Namespace) -> DataConfig:
     return cfg.replace(**changes) if changes else cfg
 
 
-def data_stats(bundle: DataBundle) -> dict[str, pd.DataFrame]:
-    """Tables describing a built dataset (sizes, clusters, probes, routing)."""
+def data_stats(bundle: DataBundle, tokens: int = 0, batch_size: int = 32, generic_prob: float | None = None,
+               seed: int = 0) -> dict[str, pd.DataFrame]:
+    """Tables describing a built dataset (sizes, clusters, probes, routing, memory-block budget).
+
+    tokens: a memory stage's token budget; with it, `blocks` also gives the expected updates of every
+    block in `tokens / (batch_size * seq_len)` steps (generic_prob default 1/(k+1))."""
     corpus = bundle.corpus
     lengths = np.array([len(t) for t in bundle.doc_tokens])
     sizes = (corpus.assign(tokens=lengths, chars=corpus["text"].str.len())
@@ -55,7 +67,14 @@ def data_stats(bundle: DataBundle) -> dict[str, pd.DataFrame]:
                .reset_index())
     routed = bundle.route_texts(probes["prompt"].tolist())
     routing = summarize_routing(routing_diagnostics(routed, bundle.fact_paths(), probes))
-    return {"sizes": sizes, "clusters": clusters, "probes": buckets, "routing": routing}
+    k = bundle.branching
+    steps = -(-tokens // (batch_size * bundle.cfg.seq_len)) if tokens else 0
+    p = 1.0 / (k + 1) if generic_prob is None else generic_prob
+    blocks = pd.DataFrame(update_report(block_updates(bundle.sequences("clustered"), k, batch_size, steps, seed, p)))
+    blocks.insert(1, "steps", steps)
+    if not steps:
+        blocks = blocks.drop(columns=[c for c in blocks.columns if c.startswith("updates_")])
+    return {"sizes": sizes, "clusters": clusters, "probes": buckets, "routing": routing, "blocks": blocks}
 
 
 def _run_build(args: argparse.Namespace) -> int:
@@ -70,7 +89,7 @@ def _run_build(args: argparse.Namespace) -> int:
 
 def _run_stats(args: argparse.Namespace) -> int:
     bundle = build_data(_config(args), progress=not args.quiet)
-    tables = data_stats(bundle)
+    tables = data_stats(bundle, tokens=args.tokens, batch_size=args.batch_size)
     if args.json:
         print(json.dumps({k: v.to_dict(orient="records") for k, v in tables.items()}, indent=2, default=str))
         return 0
@@ -90,11 +109,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         q = verbs.add_parser(verb, help=help_text)
         q.add_argument("--preset", default="small", help="smoke | small | full (default small)")
         q.add_argument("--config", default=None, help="a DataConfig YAML instead of a preset")
+        q.add_argument("--demo", default=None, choices=["default", "smoke"],
+                       help="the data of the main job at this scale (hiermem demo) instead of a preset")
         q.add_argument("--root", default=None, help="data directory (default ./data)")
         q.add_argument("--embedder", default=None, help="fast | minilm (the paper's all-MiniLM-L6-v2)")
         q.add_argument("--seed", type=int, default=None, help="corpus seed (fact exposures, splits)")
         q.add_argument("--quiet", action="store_true", help="no progress bars")
         if verb == "stats":
             q.add_argument("--json", action="store_true", help="print JSON instead of tables")
+            q.add_argument("--tokens", type=int, default=0,
+                           help="a memory stage's token budget: report the expected updates of every memory block")
+            q.add_argument("--batch-size", type=int, default=32, help="sequences per step for --tokens (default 32)")
         q.set_defaults(func=func)
     p.set_defaults(func=lambda args: p.print_help() or 2)

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from hiermem.configbase import Config, require
 from hiermem.data import facts as F
+from hiermem.data import knowledge as K
 from hiermem.data import probes as P
 from hiermem.data.sources import SOURCES, load_source, parse_source, source_location
 from hiermem.data.synthetic import BIO_RELATIONS, max_people, synthetic_world
@@ -65,7 +66,7 @@ from hiermem.provenance import provenance
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: facts.role, probes.split, fact layouts
 CORPUS_FILE, FACTS_FILE, PROBES_FILE = "corpus.parquet", "facts.parquet", "probes.parquet"
 TOKENIZER_FILE, MANIFEST_FILE = "tokenizer.json", "corpus_manifest.json"
 DATA_FILES = (CORPUS_FILE, FACTS_FILE, PROBES_FILE, TOKENIZER_FILE)
@@ -96,6 +97,7 @@ class CorpusConfig(Config):
     sources: tuple[str, ...] = ("wiki", "factbook")  # "name", "name?" (if available), "text:DIR"
     max_docs_per_source: int = 0  # source documents kept per source before chunking; 0 = all
     window_chars: int = 1000  # about 250 tokens
+    max_windows_per_doc: int = 0  # keep only the first windows of each source document; 0 = all
     heldout_fraction: float = 0.02  # of each real source's documents
     fact_relations: tuple[str, ...] = tuple(F.RELATIONS)
     max_facts_per_relation: int = 1000  # 0 = all (atomic_number always keeps all 118)
@@ -105,6 +107,11 @@ class CorpusConfig(Config):
     min_exposures: int = 1  # 0 allows never-seen control facts (bucket "unseen")
     n_buckets: int = 5
     synthetic_people: int = 0  # bioS world size; 0 = off
+    fact_layout: str = "statements"  # statements | subjects (hiermem.data.knowledge)
+    format_fraction: float = 0.0  # subjects also stated in the probe format, never probed
+    val_fraction: float = 0.0  # probed subjects (and cloze probes) in the validation split
+    format_docs: int = 1  # question-format documents per format subject
+    card_titles: bool = True  # subject cards start with a title line (hiermem.data.knowledge.card_header)
     cloze_probes: int = 500
     vocab_size: int = 8192  # tokenizer trained on the train split and saved beside it; 0 = none
 
@@ -125,6 +132,7 @@ class CorpusConfig(Config):
                 require(False, "sources", str(e), spec)
         require(self.max_docs_per_source >= 0, "max_docs_per_source", ">= 0", self.max_docs_per_source)
         require(self.window_chars >= 100, "window_chars", ">= 100", self.window_chars)
+        require(self.max_windows_per_doc >= 0, "max_windows_per_doc", ">= 0", self.max_windows_per_doc)
         require(0.0 <= self.heldout_fraction <= 0.5, "heldout_fraction", "in [0, 0.5]",
                 self.heldout_fraction)
         unknown = [r for r in self.fact_relations if r not in F.RELATIONS]
@@ -142,6 +150,11 @@ class CorpusConfig(Config):
         require(self.n_buckets >= 2, "n_buckets", ">= 2 (the top bucket is CK)", self.n_buckets)
         require(0 <= self.synthetic_people <= max_people(), "synthetic_people",
                 f"in [0, {max_people()}]", self.synthetic_people)
+        require(self.fact_layout in K.FACT_LAYOUTS, "fact_layout", f"one of {K.FACT_LAYOUTS}", self.fact_layout)
+        require(0 <= self.format_fraction < 1, "format_fraction", "a fraction in [0, 1)", self.format_fraction)
+        require(0 <= self.val_fraction < 1 and self.format_fraction + self.val_fraction < 1, "val_fraction",
+                "a fraction in [0, 1) with format_fraction + val_fraction < 1", self.val_fraction)
+        require(self.format_docs >= 1, "format_docs", ">= 1", self.format_docs)
         require(self.cloze_probes >= 0, "cloze_probes", ">= 0", self.cloze_probes)
         require(self.vocab_size == 0 or self.vocab_size >= MIN_VOCAB_SIZE, "vocab_size",
                 f"0 (no tokenizer) or >= {MIN_VOCAB_SIZE}", self.vocab_size)
@@ -248,6 +261,8 @@ def _real_documents(cfg: CorpusConfig, progress: bool) -> tuple[list[dict], list
         for i, r in enumerate(unique):
             split = "heldout" if i in heldout else "train"
             windows = chunk_text(r["text"], cfg.window_chars)
+            if cfg.max_windows_per_doc:
+                windows = windows[:cfg.max_windows_per_doc]
             whole, parent = stable_hash(r["text"]), ""  # two docs may share a first window
             for k, text in enumerate(windows):
                 doc_id = f"{source}:{stable_hash(source, r['title'], whole, k, text)}"
@@ -259,28 +274,62 @@ def _real_documents(cfg: CorpusConfig, progress: bool) -> tuple[list[dict], list
 
 
 def _fact_documents(cfg: CorpusConfig, progress: bool) -> tuple[list[dict], list[dict]]:
-    """Fact documents and fact rows for the real relations and the optional bioS world."""
-    docs, rows = [], []
-    buckets = cfg.buckets
-    for name in tqdm(cfg.fact_relations, desc="facts", disable=not progress):
-        rel = F.RELATIONS[name]
-        facts = F.relation_facts(name, cfg.max_facts_per_relation, cfg.seed)
-        exposures = F.assign_exposures(len(facts), law=cfg.exposure_law, exponent=cfg.zipf_exponent,
-                                       max_exposures=cfg.max_exposures,
-                                       min_exposures=cfg.min_exposures,
-                                       rng=F.relation_rng(cfg.seed, name))
-        rng = F.relation_rng(cfg.seed, name + "/templates")
-        for fact, e in zip(facts, exposures):
-            docs += F.render_fact_docs(fact, int(e), rel.train_templates, rng, "facts", rel.topic)
-        rows += P.fact_rows(facts, exposures, rel, "facts", buckets)
+    """Fact documents and fact rows for the real relations and the optional bioS world.
+
+    Layout "statements": one sentence per document; "subjects": one card per exposure of a subject
+    (hiermem.data.knowledge). Roles (format / val / eval) are dealt per entity kind (or relation),
+    stratified by exposures; format subjects also get question-format documents."""
+    docs: list[dict] = []
+    groups: list[list[K.Subject]] = []  # roles are dealt within each group
+    if cfg.fact_layout == "statements":
+        for name in tqdm(cfg.fact_relations, desc="facts", disable=not progress):
+            rel = F.RELATIONS[name]
+            facts = F.relation_facts(name, cfg.max_facts_per_relation, cfg.seed)
+            exposures = F.assign_exposures(len(facts), law=cfg.exposure_law, exponent=cfg.zipf_exponent,
+                                           max_exposures=cfg.max_exposures,
+                                           min_exposures=cfg.min_exposures,
+                                           rng=F.relation_rng(cfg.seed, name))
+            rng = F.relation_rng(cfg.seed, name + "/templates")
+            for fact, e in zip(facts, exposures):
+                docs += F.render_fact_docs(fact, int(e), rel.train_templates, rng, "facts", rel.topic)
+            groups.append([K.Subject(f.fact_id, name, f.subject, "facts", rel.topic, {name: f.answer}, int(e))
+                           for f, e in zip(facts, exposures)])
+    else:
+        subjects = K.entity_subjects(cfg.fact_relations, cfg.max_facts_per_relation, cfg.seed)
+        for kind in dict.fromkeys(s.kind for s in subjects):
+            members = [s for s in subjects if s.kind == kind]
+            exposures = F.assign_exposures(len(members), law=cfg.exposure_law, exponent=cfg.zipf_exponent,
+                                           max_exposures=cfg.max_exposures, min_exposures=cfg.min_exposures,
+                                           rng=F.relation_rng(cfg.seed, kind))
+            for s, e in zip(members, exposures):
+                s.exposures = int(e)
+            docs += K.card_documents(members, F.relation_rng(cfg.seed, kind + "/cards"), cfg.card_titles)
+            groups.append(members)
     if cfg.synthetic_people:
         people, exposures, bio_docs = synthetic_world(
             cfg.synthetic_people, seed=cfg.seed, law=cfg.exposure_law, exponent=cfg.zipf_exponent,
             max_exposures=cfg.max_exposures, min_exposures=cfg.min_exposures)
+        members = [K.Subject(p.fact_id, "person", p.name, "bioS", "bio", dict(p.attributes), int(e))
+                   for p, e in zip(people, exposures)]
+        if cfg.fact_layout == "subjects":  # biographies as cards, with their title line
+            bio_docs = K.card_documents(members, F.relation_rng(cfg.seed, "person/cards"), cfg.card_titles)
         docs += bio_docs
-        for rel_name, rel in BIO_RELATIONS.items():
-            facts = [F.Fact(p.fact_id, rel_name, p.name, p.attributes[rel_name]) for p in people]
-            rows += P.fact_rows(facts, exposures, rel, "bioS", buckets)
+        groups.append(members)
+    rows = []
+    buckets = cfg.buckets
+    for members in groups:
+        if not members:
+            continue
+        roles = K.assign_roles(np.array([s.exposures for s in members]), cfg.format_fraction, cfg.val_fraction,
+                               F.relation_rng(cfg.seed, members[0].kind + "/roles"))
+        for s, role in zip(members, roles):
+            s.role = str(role)
+            for rel_name, answer in s.answers.items():
+                rel = K.ALL_RELATIONS[rel_name]
+                rows += P.fact_rows([F.Fact(s.fact_id, rel_name, s.subject, answer)], [s.exposures], rel,
+                                    s.source, buckets, roles=[s.role])
+        docs += K.question_documents(members, cfg.format_docs, F.relation_rng(cfg.seed, members[0].kind + "/qa"),
+                                     cfg.card_titles)
     for d in docs:
         d["doc_id"] = f"{d['source']}:{stable_hash(d['source'], d['fact_id'], d['occurrence'], d['text'])}"
         d.update(split="train", parent_id=d["doc_id"], chunk=0)
@@ -337,7 +386,7 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | Path, progress: bool = True,
     timings["facts_s"] = time.perf_counter() - t0 - timings["sources_s"]
 
     t1 = time.perf_counter()
-    cloze = P.cloze_probes(heldout, cfg.cloze_probes, cfg.seed)
+    cloze = P.cloze_probes(heldout, cfg.cloze_probes, cfg.seed, val_fraction=cfg.val_fraction)
     if len(cloze) < cfg.cloze_probes:
         log.warning("only %d of %d cloze probes could be made from %d held-out documents",
                     len(cloze), cfg.cloze_probes, len(heldout))
@@ -349,7 +398,7 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | Path, progress: bool = True,
     for c in cloze:
         c["measured_count"] = counts[c["subject"]]
     relations = {**F.RELATIONS, **BIO_RELATIONS}
-    probe_rows = [P.fact_probe(r, relations[r["relation"]]) for r in fact_rows] + cloze
+    probe_rows = [P.fact_probe(r, relations[r["relation"]]) for r in fact_rows if r["role"] != "format"] + cloze
     facts_df = P.as_table(fact_rows, P.FACT_COLUMNS)
     probes_df = P.as_table(probe_rows, P.PROBE_COLUMNS)
     timings["probes_s"] = time.perf_counter() - t1

@@ -299,4 +299,43 @@ class SequenceLoader:
         self.position = int(state["position"])
 
 
-__all__ = ["PackedSequences", "pack_by_leaf", "pack_plain", "SequenceLoader", "loss_mask", "document_attention_mask"]
+def block_updates(packed: PackedSequences, branching: int, batch_size: int, steps: int, seed: int,
+                  generic_prob: float = 0.0, depth: int | None = None) -> list[dict[str, np.ndarray]]:
+    """How often each memory block is fetched in `steps` steps of a `SequenceLoader(packed, batch_size,
+    seed)`: per level (0-based), for every node, `sequences` (packed sequences routed there) and
+    `updates`, the expected number of steps that update the block. The batches are replayed exactly;
+    a step updates a block unless every one of its sequences in the batch drew the generic block
+    (probability `generic_prob` each), so a block with m sequences in a batch counts 1 - p^m."""
+    depth = packed.depth if depth is None else depth
+    loader = SequenceLoader(packed, batch_size=min(batch_size, len(packed)), seed=seed)
+    out = []
+    flat = np.zeros(len(packed), dtype=np.int64)
+    for level in range(depth):
+        flat = flat * branching + packed.paths[:, level]
+        n_nodes = branching ** (level + 1)
+        updates = np.zeros(n_nodes)
+        for step in range(steps):
+            epoch, position = divmod(step, loader.batches_per_epoch)
+            perm = np.random.default_rng([seed, epoch]).permutation(len(packed))
+            batch = perm[position * loader.batch_size:(position + 1) * loader.batch_size]
+            nodes, m = np.unique(flat[batch], return_counts=True)
+            updates[nodes] += 1.0 - generic_prob ** m
+        out.append({"sequences": np.bincount(flat, minlength=n_nodes), "updates": updates})
+    return out
+
+
+def update_report(updates: list[dict[str, np.ndarray]]) -> "list[dict]":
+    """Per level: used nodes and min/median/max sequences and expected updates over the used nodes."""
+    rows = []
+    for level, u in enumerate(updates):
+        used = u["sequences"] > 0
+        rows.append({"level": level + 1, "nodes_used": int(used.sum()), "nodes": len(used),
+                     "sequences_min": int(u["sequences"][used].min()), "sequences_median": float(np.median(u["sequences"][used])),
+                     "sequences_max": int(u["sequences"][used].max()),
+                     "updates_min": float(u["updates"][used].min()), "updates_median": float(np.median(u["updates"][used])),
+                     "updates_max": float(u["updates"][used].max())})
+    return rows
+
+
+__all__ = ["PackedSequences", "pack_by_leaf", "pack_plain", "SequenceLoader", "loss_mask", "document_attention_mask",
+           "block_updates", "update_report"]

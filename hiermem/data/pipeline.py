@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from hiermem.configbase import Config, require
-from hiermem.data.corpus import CorpusConfig, build_corpus, corpus_tokenizer, load_corpus, load_probes
+from hiermem.data.corpus import CorpusConfig, build_corpus, corpus_tokenizer, load_corpus, load_facts, load_probes
 from hiermem.data.packing import PackedSequences, pack_by_leaf, pack_plain
 from hiermem.data.tokenizer import EOT_TOKEN, PAD_TOKEN, encode_batch
 from hiermem.embed import Embedder, embed_cached, get_embedder, load_embedder
@@ -49,11 +49,13 @@ class DataConfig(Config):
     embedder: str = "fast"
     tree: TreeConfig = dataclasses.field(default_factory=lambda: TreeConfig(branching=16, depth=2))
     seq_len: int = 256
+    min_leaf_sequences: int = 2  # a used leaf packing into fewer sequences is refused (tree too large)
 
     def validate(self) -> None:
         require(self.corpus.vocab_size > 0, "corpus.vocab_size", "a positive vocabulary size (the pipeline "
                 "uses the tokenizer trained with the corpus)", self.corpus.vocab_size)
         require(self.seq_len >= 8, "seq_len", "an integer >= 8", self.seq_len)
+        require(self.min_leaf_sequences >= 0, "min_leaf_sequences", "an integer >= 0", self.min_leaf_sequences)
         require(self.embedder in ("fast", "minilm", "tfidf"), "embedder", "'fast', 'minilm' or 'tfidf'",
                 self.embedder)
 
@@ -103,6 +105,10 @@ class DataBundle:
     @cached_property
     def probes(self) -> pd.DataFrame:
         return load_probes(self.dirs["corpus"])
+
+    @cached_property
+    def facts(self) -> pd.DataFrame:
+        return load_facts(self.dirs["corpus"])
 
     @cached_property
     def tokenizer(self):
@@ -185,6 +191,19 @@ def _load_token_lists(path: Path) -> list[np.ndarray]:
     return np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
 
+def check_leaf_sizes(packed: PackedSequences, cfg: DataConfig) -> None:
+    """Refuse a tree too large for its corpus: a used leaf with fewer than `min_leaf_sequences`
+    packed sequences would hardly ever train its memory block."""
+    _, per_leaf = np.unique(packed.paths, axis=0, return_counts=True)
+    if len(per_leaf) and per_leaf.min() < cfg.min_leaf_sequences:
+        k, depth = cfg.tree.branching, cfg.tree.depth
+        raise ValueError(
+            f"tree too large for its corpus: k={k}, depth={depth} gives {k ** depth} leaves ({len(per_leaf)} used) for "
+            f"{len(packed):,} sequences of {cfg.seq_len} tokens; the smallest leaf packs {per_leaf.min()} sequence(s) "
+            f"(median {np.median(per_leaf):.0f}), below min_leaf_sequences={cfg.min_leaf_sequences}. Use a smaller "
+            f"tree (fewer levels or a smaller branching), a larger corpus, or lower data.min_leaf_sequences")
+
+
 def build_data(cfg: DataConfig, progress: bool = True) -> DataBundle:
     """Build (or reuse) every stage of `cfg` and return the bundle."""
     root = Path(cfg.root)
@@ -193,7 +212,7 @@ def build_data(cfg: DataConfig, progress: bool = True) -> DataBundle:
     corpus_key = _hash("corpus", cfg.corpus.to_dict())
     tok_key = _hash(corpus_key, "tok")
     emb_key = _hash(corpus_key, "emb", cfg.embedder)
-    tree_key = _hash(emb_key, "tree", cfg.tree.to_dict())
+    tree_key = _hash(emb_key, tok_key, "tree", cfg.tree.to_dict())
     pack_key = _hash(tree_key, tok_key, "pack", cfg.seq_len)
     dirs = {"corpus": root / f"corpus-{corpus_key}", "tok": root / f"tok-{tok_key}", "emb": root / f"emb-{emb_key}",
             "tree": root / f"tree-{tree_key}", "pack": root / f"pack-{pack_key}",
@@ -233,8 +252,10 @@ def build_data(cfg: DataConfig, progress: bool = True) -> DataBundle:
     if not (dirs["tree"] / "routes.npy").exists():
         vectors = np.load(dirs["emb"] / "embeddings.npy", mmap_mode="r")
         is_train = (corpus["split"] == "train").to_numpy()
+        weights = np.array([len(t) + 1 for t in bundle.doc_tokens], dtype=np.float64)[is_train]  # + EOT
         with atomic_dir(dirs["tree"]) as tmp:
-            tree = HierarchicalKMeans.build(np.ascontiguousarray(vectors[is_train]), cfg.tree, progress=progress)
+            tree = HierarchicalKMeans.build(np.ascontiguousarray(vectors[is_train]), cfg.tree, progress=progress,
+                                            weights=weights)
             tree.save(tmp / "tree")
             _save_npy(tmp / "routes.npy", tree.route(np.ascontiguousarray(vectors)))
     timings["tree_s"] = time.perf_counter() - start
@@ -246,9 +267,10 @@ def build_data(cfg: DataConfig, progress: bool = True) -> DataBundle:
         train_tokens = [tokens[i] for i in is_train]
         paths = bundle.doc_paths[is_train]
         seed = cfg.corpus.seed
+        clustered = pack_by_leaf(train_tokens, paths, cfg.seq_len, bundle.eot_id, bundle.pad_id, seed)
+        check_leaf_sizes(clustered, cfg)
         with atomic_dir(dirs["pack"]) as tmp:
-            pack_by_leaf(train_tokens, paths, cfg.seq_len, bundle.eot_id, bundle.pad_id, seed).save(
-                tmp / "train_clustered.npz")
+            clustered.save(tmp / "train_clustered.npz")
             pack_plain(train_tokens, cfg.seq_len, bundle.eot_id, bundle.pad_id, seed, depth=cfg.tree.depth).save(
                 tmp / "train_plain.npz")
     timings["pack_s"] = time.perf_counter() - start

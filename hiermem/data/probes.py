@@ -1,5 +1,9 @@
 """Knowledge probes: fact probes with held-out templates, and Lambada-style cloze from held-out prose.
 
+Splits: a probe's `split` is "val" (choose a training regime on these) or "eval" (report on these);
+subjects with role "format" (hiermem.data.knowledge) are stated in the probe format in training and
+are never probed.
+
 SK/CK rule (mirrors the paper's Avg-SK / Avg-CK split, decided per probe):
     CK (common knowledge) = every cloze probe (general prose, predictable from context), and every
                             injected fact (real or bioS) in the top exposure bucket ("b{n-1}-frequent").
@@ -27,24 +31,28 @@ from hiermem.data.facts import ExposureBuckets, Fact, Relation, probe_group
 from hiermem.data.textutil import count_phrases, stable_hash, words
 
 PROBE_COLUMNS = ("probe_id", "relation", "subject", "prompt", "answer", "group", "exposures",
-                 "measured_count", "bucket", "fact_id", "source_doc_id", "source")
+                 "measured_count", "bucket", "fact_id", "source_doc_id", "source", "split")
 FACT_COLUMNS = ("fact_id", "relation", "subject", "answer", "exposures", "bucket", "group",
-                "measured_count", "source", "package")
+                "measured_count", "source", "package", "role")
 
 _FINAL_WORD = re.compile(r"(?<![\w'’-])([A-Za-z][a-z]{3,})(?=[.!?][\"')\]]*(\s|$))")
 _SENTENCE_START = re.compile(r"[.!?][\"')\]]*\s+(?=[A-Z\"'(])|\n+")
 
 
 def fact_rows(facts: list[Fact], exposures: Iterable[int], relation: Relation, source: str,
-              buckets: ExposureBuckets) -> list[dict]:
-    """One facts-table row per fact (measured_count is filled in once the corpus is final)."""
+              buckets: ExposureBuckets, roles: Iterable[str] | None = None) -> list[dict]:
+    """One facts-table row per fact (measured_count is filled in once the corpus is final).
+
+    roles: per fact "format" (stated in the probe format in training, never probed), "val" or
+    "eval" (probed; hiermem.data.knowledge); default "eval"."""
     rows = []
-    for fact, e in zip(facts, exposures):
+    roles = list(roles) if roles is not None else ["eval"] * len(facts)
+    for fact, e, role in zip(facts, exposures, roles):
         bucket = buckets.label(int(e))
         rows.append({"fact_id": fact.fact_id, "relation": fact.relation, "subject": fact.subject,
                      "answer": fact.answer, "exposures": int(e), "bucket": bucket,
                      "group": probe_group(bucket, buckets), "measured_count": 0,
-                     "source": source, "package": relation.package})
+                     "source": source, "package": relation.package, "role": role})
     return rows
 
 
@@ -55,7 +63,8 @@ def fact_probe(row: dict, relation: Relation) -> dict:
             "prompt": relation.probe_template.format(subject=row["subject"]),
             "answer": row["answer"], "group": row["group"], "exposures": row["exposures"],
             "measured_count": row["measured_count"], "bucket": row["bucket"],
-            "fact_id": row["fact_id"], "source_doc_id": "", "source": row["source"]}
+            "fact_id": row["fact_id"], "source_doc_id": "", "source": row["source"],
+            "split": row["role"]}
 
 
 def _cloze_candidates(text: str, max_context_chars: int, min_context_chars: int) -> list[tuple]:
@@ -77,8 +86,10 @@ def _cloze_candidates(text: str, max_context_chars: int, min_context_chars: int)
 
 
 def cloze_probes(heldout_docs: list[dict], n: int, seed: int, max_context_chars: int = 600,
-                 min_context_chars: int = 80) -> list[dict]:
-    """Up to `n` cloze probes, spread over the held-out documents round-robin (deterministic)."""
+                 min_context_chars: int = 80, val_fraction: float = 0.0) -> list[dict]:
+    """Up to `n` cloze probes, spread over the held-out documents round-robin (deterministic).
+
+    A seeded `val_fraction` of them (whole held-out documents) form the validation split ("val")."""
     if n <= 0 or not heldout_docs:
         return []
     rng = np.random.default_rng([seed, 7])
@@ -101,6 +112,10 @@ def cloze_probes(heldout_docs: list[dict], n: int, seed: int, max_context_chars:
                                "measured_count": 0, "bucket": "cloze", "fact_id": "",
                                "source_doc_id": doc["doc_id"], "source": doc["source"]})
         depth += 1
+    docs = sorted({p["source_doc_id"] for p in probes})
+    val = set(np.random.default_rng([seed, 8]).permutation(docs)[:round(val_fraction * len(docs))].tolist())
+    for p in probes:
+        p["split"] = "val" if p["source_doc_id"] in val else "eval"
     return probes
 
 
