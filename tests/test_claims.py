@@ -17,12 +17,13 @@ def synthetic_results(seed: int, n: int = 150, p_none: float = 0.2, p_fetched: f
             for mode, p in probs.items():
                 p = 0.7 if group == "CK" else p  # memory does not move common knowledge here
                 rows.append({"run": "mem", "probe_id": pid, "relation": rel, "group": group, "bucket": bucket,
-                             "mode": mode, "correct": bool(rng.random() < p), "routed_path": "0,1",
-                             "oracle_path": "0,1" if i % 4 else "1,1"})
+                             "mode": mode, "correct": bool(rng.random() < p), "rank_correct": bool(rng.random() < 0.5),
+                             "routed_path": "0,1", "oracle_path": "0,1" if i % 4 else "1,1"})
             for run, p in (("anchor", 0.7 if group == "CK" else p_none), ("continued", p_none + 0.05),
                            ("dense-2x", p_none + 0.1)):
                 rows.append({"run": run, "probe_id": pid, "relation": rel, "group": group, "bucket": bucket,
-                             "mode": "none", "correct": bool(rng.random() < p), "routed_path": "", "oracle_path": ""})
+                             "mode": "none", "correct": bool(rng.random() < p), "rank_correct": bool(rng.random() < 0.5),
+                             "routed_path": "", "oracle_path": ""})
     return pd.DataFrame(rows)
 
 
@@ -33,8 +34,11 @@ def test_values_equal_hand_computation_and_rules_decide():
     """Bug caught: micro instead of macro averaging, a difference taken the wrong way round, a ratio
     inverted, a rule applied to the wrong bound."""
     results = synthetic_results(0)
-    claims = demo_claims(results, ROLES, n_boot=300).set_index("claim")
-    assert list(claims.reset_index().columns) == list(CLAIM_COLUMNS)
+    table = demo_claims(results, ROLES, n_boot=300)
+    assert list(table.columns) == list(CLAIM_COLUMNS)
+    greedy = table["metric"].str.contains("greedy")
+    assert greedy.sum() == 8 and table["metric"].str.contains("ranking").sum() == 8 and len(table) == 17
+    claims = table[greedy | (table["claim"] == "routing_consistency_sk")].set_index("claim")
 
     def avg(run, mode, group):
         part = results[(results.run == run) & (results["mode"] == mode) & (results.group == group)]
@@ -66,14 +70,14 @@ def test_bootstrap_intervals_cover_the_true_difference():
     most of them (a too-narrow or shifted interval fails)."""
     covered = 0
     for seed in range(30):
-        claims = demo_claims(synthetic_results(seed), ROLES, n_boot=300, seed=seed).set_index("claim")
-        row = claims.loc["fetched_vs_none_sk"]
+        claims = demo_claims(synthetic_results(seed), ROLES, n_boot=300, seed=seed, metrics=("correct",))
+        row = claims.set_index("claim").loc["fetched_vs_none_sk"]
         covered += row["ci_low"] <= 30.0 <= row["ci_high"]
     assert covered >= 25, covered
 
 
 def test_missing_runs_and_rules():
-    claims = demo_claims(synthetic_results(1), {"memory": "mem"}, n_boot=100).set_index("claim")
+    claims = demo_claims(synthetic_results(1), {"memory": "mem"}, n_boot=100, metrics=("correct",)).set_index("claim")
     row = claims.loc["memory_vs_dense2x_sk"]
     assert np.isnan(row["value"]) and not row["holds"] and "missing" in row["note"]
     assert Rule(0, strict=True).holds(0.1, -1.0) and not Rule(0, strict=True).holds(0.0, 1.0)
