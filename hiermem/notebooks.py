@@ -10,7 +10,7 @@ calls into `hiermem` and `analysis`, with one cell tagged `parameters` that sets
 
 `run_notebook` injects `scale`, `out_dir` = <out>/<name>/ and any other parameters, executes the
 notebook with the repository root as working directory (so the notebooks' relative defaults such as
-`data` and `../shared/data/...` resolve the same way from anywhere), writes the executed copy beside
+`data` and `analysis/reference/...` resolve the same way from anywhere), writes the executed copy beside
 that folder, and records parameters, timing and git SHA in <out>/<name>/run.json. A failing cell
 raises `NotebookError` naming the cell; the executed copy with the traceback is still written.
 

@@ -19,6 +19,7 @@ sequence, also in frozen runs). The bank is updated by the sparse AdamW of `hier
 A run directory holds:
     config.yaml        the resolved TrainConfig          provenance.json   git SHA, versions, device
     metrics.jsonl      one line per logged step          checkpoint/       latest model + train state
+                                                         (safetensors + JSON, hiermem.state: no pickles)
     final/             final model checkpoint            summary.json      written last: the run is done
 Resuming (`hiermem train CONFIG --run-dir DIR` again) continues from checkpoint/ and ends with exactly
 the weights of an uninterrupted run on CPU; a changed config is refused, naming the differing fields.
@@ -48,6 +49,7 @@ from hiermem.data.pipeline import DataConfig, build_data
 from hiermem.io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, check_writable_dir, read_jsonl
 from hiermem.model import HierMemLM
 from hiermem.provenance import provenance
+from hiermem.state import has_state, load_state, save_state
 from hiermem.stepper import TrainStepper, cosine_lr
 
 log = logging.getLogger(__name__)
@@ -263,8 +265,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, progress: bool = True, stop_aft
 
     start_step = 0
     ckpt_dir = run_dir / "checkpoint"
-    if (ckpt_dir / "train_state.pt").exists():
-        state = torch.load(ckpt_dir / "train_state.pt", map_location=device, weights_only=False)
+    if has_state(ckpt_dir):
+        state = load_state(ckpt_dir, device=device)
         load_weights(model, ckpt_dir)
         stepper.load_state_dict(state["stepper"])
         loader.load_state_dict(state["loader"])
@@ -361,8 +363,7 @@ def _ckpt_step(ckpt_dir: Path) -> int:
 def _save_train_state(model, stepper, loader, step: int, ckpt_dir: Path) -> None:
     with atomic_dir(ckpt_dir) as tmp:
         save_checkpoint(model, tmp)
-        torch.save({"step": step, "stepper": stepper.state_dict(), "loader": loader.state_dict()},
-                   tmp / "train_state.pt")
+        save_state({"step": step, "stepper": stepper.state_dict(), "loader": loader.state_dict()}, tmp)
         atomic_write_json(tmp / "step.json", {"step": step})
 
 

@@ -12,12 +12,11 @@ import pytest
 from analysis import fit, load_csv
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chinchilla_svg_extracted.csv"
+DATA = Path(__file__).resolve().parents[1] / "analysis" / "reference" / "chinchilla_svg_extracted.csv"
 X = {"N": "Model Size", "D": "Training FLOP/(6*Model Size)"}
 # Besiroglu et al. (2024), Approach-3 refit with 5 highest-loss points excluded.
 EXPECTED = {"E": (1.817, 0.02), "alpha": (0.347, 0.01), "beta": (0.367, 0.01)}
 
-needs_data = pytest.mark.skipif(not DATA.is_file(), reason=f"shared Chinchilla data not found at {DATA}")
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,6 @@ def besiroglu_fit():
     return result, time.perf_counter() - tic
 
 
-@needs_data
 def test_full_grid_reproduces_besiroglu_refit(besiroglu_fit):
     result, seconds = besiroglu_fit
     assert result.converged, result.message
@@ -42,7 +40,6 @@ def test_full_grid_reproduces_besiroglu_refit(besiroglu_fit):
     assert seconds < 60, f"the 4,500-start grid took {seconds:.1f} s"
 
 
-@needs_data
 def test_summed_objective_value_and_start_statistics(besiroglu_fit):
     result, _ = besiroglu_fit
     # Sum (not mean) of Huber losses: about 240 points x ~1e-3 x mean |residual|.
@@ -57,7 +54,6 @@ def _cli(*args, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
-@needs_data
 def test_cli_fit_end_to_end_json():
     proc = _cli("fit", str(DATA), "--form", "chinchilla", "--x", "N=Model Size",
                 "--x", "D=Training FLOP/(6*Model Size)", "--y", "loss", "--exclude-highest", "5",

@@ -62,7 +62,7 @@ def test_exact_resume(smoke_data_config, pretrained_anchor, tmp_path):
     full = train(cfg, tmp_path / "full", progress=False)
     # "kill" after 8 steps (last checkpoint at step 5), then resume twice more
     train(cfg, tmp_path / "resumed", progress=False, stop_after_steps=8)
-    assert (tmp_path / "resumed" / "checkpoint" / "train_state.pt").exists()
+    assert (tmp_path / "resumed" / "checkpoint" / "train_state.safetensors").exists()
     train(cfg, tmp_path / "resumed", progress=False, stop_after_steps=6)
     train(cfg, tmp_path / "resumed", progress=False)
     a, b = load_model(final_checkpoint(full)), load_model(final_checkpoint(tmp_path / "resumed"))
@@ -96,7 +96,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(smoke_data_config, pretra
     monkeypatch.setattr(stepper_module.TrainStepper, "step", poisoned)
     with pytest.raises(TrainingDiverged, match="non-finite loss.*step 6.*Last good checkpoint: step 5"):
         train(_memory_cfg(smoke_data_config, pretrained_anchor), tmp_path / "nan", progress=False)
-    assert (tmp_path / "nan" / "checkpoint" / "train_state.pt").exists()
+    assert (tmp_path / "nan" / "checkpoint" / "train_state.json").exists()
     assert not (tmp_path / "nan" / "summary.json").exists()
 
 
@@ -165,3 +165,32 @@ def test_measured_block_updates_match_the_expected_replay(smoke_data_config, pre
         assert expected["updates_min"] == measured["updates_min"]
         assert expected["updates_median"] == measured["updates_median"]
         assert expected["updates_max"] == measured["updates_max"]
+
+
+def test_a_pickled_resume_state_is_refused_and_never_run(smoke_data_config, pretrained_anchor, tmp_path):
+    """Bug caught: a resume state loaded with pickle (a crafted checkpoint would run code)."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    cfg = _memory_cfg(smoke_data_config, pretrained_anchor, tokens=8 * 4 * 128)
+    train(cfg, tmp_path / "run", progress=False, stop_after_steps=6)
+    (tmp_path / "run" / "checkpoint" / "train_state.pt").write_bytes(pickle.dumps({"stepper": Payload()}))
+    with pytest.raises(ValueError, match="train_state.pt is a pickled resume state"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_state_round_trip_keeps_types():
+    from hiermem.state import load_state, save_state
+    import tempfile
+    state = {"step": 3, "opt": {"state": {0: {"step": torch.tensor(2.0), "exp_avg": torch.ones(2, 3)}},
+                                "param_groups": [{"betas": (0.9, 0.95), "params": [0], "lr": 1e-3, "role": "anchor"}]},
+             "lrs": torch.tensor([0.1, 0.2], dtype=torch.float64), "none": None, "flag": True}
+    with tempfile.TemporaryDirectory() as d:
+        save_state(state, d)
+        back = load_state(d)
+    assert back["opt"]["state"][0]["exp_avg"].shape == (2, 3) and isinstance(back["opt"]["param_groups"][0]["betas"], tuple)
+    assert back["lrs"].dtype == torch.float64 and back["none"] is None and back["flag"] is True and back["step"] == 3
