@@ -209,12 +209,8 @@ def run_demo(cfg: DemoConfig | str = "default", runs_dir: str = "runs/demo", out
     return table
 
 
-def load_demo_config(path: str | Path) -> DemoConfig:
-    return DemoConfig.load(path)
-
-
 def _run(args: argparse.Namespace) -> int:
-    cfg = load_demo_config(args.config) if args.config else SCALES[args.scale]
+    cfg = DemoConfig.load(args.config) if args.config else SCALES[args.scale]
     run_demo(cfg, args.runs_dir, args.out_dir, progress=not args.quiet, data_root=args.data_root,
              embedder=args.embedder)
     return 0
