@@ -3,9 +3,11 @@
     from analysis import fit, compare_forms, estimate_equivalence, isoflop_view, plot_fit
     res = fit(df, "chinchilla", {"N": "anchor_params", "D": "tokens"}, "loss", bootstrap=200)
     res.summary()                      # parameters with bootstrap CIs
+    res.identified, res.reasons        # do the data determine the law? (analysis.identifiability)
 
-Modules: forms (functional forms), fitting (multi-start Huber fitter, bootstrap), optimize
-(batched L-BFGS), compare (AIC/BIC, hold-out extrapolation), equivalence (dense-equivalent
+Modules: forms (functional forms), fitting (multi-start Huber fitter, bootstrap), identifiability
+(do the data determine a fitted law?), optimize (batched L-BFGS), compare (AIC/BIC, hold-out
+extrapolation), equivalence (dense-equivalent
 multiplier k), views (IsoFLOP, iso-runtime), plots (PNG + CSV), synthetic (runs from a known
 law), expressions (safe column arithmetic), data (loading and validation), scaling (the CLI).
 Plotting is imported lazily, so fitting does not pull in matplotlib and seaborn.
@@ -17,6 +19,7 @@ from .equivalence import EquivalenceResult, estimate_equivalence, solve_equivale
 from .expressions import evaluate
 from .fitting import FitResult, bootstrap_fit, fit, huber, make_starts
 from .forms import FORMS, Form, Variable, get_form, list_forms, register_form
+from .identifiability import Identifiability, UnidentifiedFitWarning, identifiability
 from .synthetic import design_grid, simulate
 from .views import IsoFlopView, iso_runtime_view, isoflop_view
 
@@ -32,7 +35,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "FORMS", "STANDARD_X", "Comparison", "EquivalenceResult", "FitResult", "Form", "HoldoutResult", "IsoFlopView",
+    "FORMS", "STANDARD_X", "Comparison", "EquivalenceResult", "FitResult", "Form", "HoldoutResult", "Identifiability",
+    "IsoFlopView", "UnidentifiedFitWarning", "identifiability",
     "bootstrap_fit", "compare_fits", "compare_forms", "design_grid", "estimate_equivalence", "evaluate", "fit",
     "get_form", "holdout_largest", "huber", "information_criteria", "iso_runtime_view", "isoflop_view",
     "list_forms", "load_csv", "make_starts", "register_form", "simulate", "solve_equivalent_n", "Variable", *_PLOTS,

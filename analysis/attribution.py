@@ -35,6 +35,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from hiermem.rundir import RunDir
+
 # The evaluation modes in the order `hiermem.evaluate.BASE_MODES` defines them (not imported from
 # there: that module pulls in torch, and analysis stays numpy/pandas only). drop-level<l> follow.
 MODE_ORDER = ("none", "generic", "fetched", "blocked-drop", "blocked-reroute", "wrong-path", "oracle-path")
@@ -57,13 +59,10 @@ def _named_runs(run_dirs: str | Path | Iterable[str | Path] | Mapping[str, str |
     return {str(name): Path(d) for name, d in named.items()}
 
 
-def _load_eval_tables(run_dirs, file: str) -> pd.DataFrame:
+def _load_eval_tables(run_dirs, table: str) -> pd.DataFrame:
     frames = []
     for name, directory in _named_runs(run_dirs).items():
-        path = directory / "eval" / file
-        if not path.is_file():
-            raise FileNotFoundError(f"run {name!r} has no {path}; evaluate it first (`hiermem eval {directory}`)")
-        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        frame = RunDir(directory).eval_table(table)
         frames.append(frame.drop(columns=["run"], errors="ignore").assign(run=name))
     out = pd.concat(frames, ignore_index=True)
     return out[["run"] + [c for c in out.columns if c != "run"]]
@@ -75,13 +74,13 @@ def load_probe_results(run_dirs: str | Path | Iterable[str | Path] | Mapping[str
     `run_dirs` is one directory, a list (each run is named by its directory name) or a mapping
     {name: directory}. A run without evaluation tables is an error naming it.
     """
-    return _load_eval_tables(run_dirs, "probe_results.parquet")
+    return _load_eval_tables(run_dirs, "probes")
 
 
 def load_eval_summary(run_dirs: str | Path | Iterable[str | Path] | Mapping[str, str | Path]) -> pd.DataFrame:
     """Concatenate RUN_DIR/eval/summary.csv (one row per mode: Avg-SK/CK, perplexity, per-bucket
     accuracy) of each run, with a `run` column; runs are named as in `load_probe_results`."""
-    return _load_eval_tables(run_dirs, "summary.csv")
+    return _load_eval_tables(run_dirs, "summary")
 
 
 def _checked(results: pd.DataFrame, metric: str, boolean: bool = False) -> pd.DataFrame:
@@ -499,7 +498,7 @@ def plot_against_size(runs: pd.DataFrame, path: str | Path, x: str = "fetched_pa
     are left out; metrics the table lacks or holds only NaN for are skipped."""
     import seaborn as sns
 
-    from .plots import _hue, save_figure
+    from .plots import hue_map, save_figure
     data = runs[runs[x] > 0].reset_index(drop=True)
     metrics = [m for m in y if m in data and data[m].notna().any()]
     if data.empty or not metrics:
@@ -507,7 +506,7 @@ def plot_against_size(runs: pd.DataFrame, path: str | Path, x: str = "fetched_pa
     keep = list(dict.fromkeys([c for c in ("run_id", "label", "kind") if c in data] + [x, *metrics]
                               + ([hue] if hue else [])))
     data = data[keep].sort_values(x, kind="stable").reset_index(drop=True)
-    hue_kw = _hue(data, hue) if hue else {}
+    hue_kw = hue_map(data, hue) if hue else {}
     fig, axes = _panels(len(metrics), max_cols=len(metrics), sharey=False)
     for ax, metric in zip(axes, metrics):
         sns.lineplot(data=data, x=x, y=metric, marker="o", ax=ax, estimator=None, sort=True,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -12,6 +13,7 @@ from .data import scale_groups, source_of
 from .expressions import evaluate
 from .fitting import FitResult, fit
 from .forms import Form, get_form
+from .identifiability import UnidentifiedFitWarning
 
 LIKELIHOODS = ("laplace", "gaussian")
 
@@ -44,20 +46,41 @@ def information_criteria(result: FitResult, likelihood: str = "laplace") -> dict
 
 @dataclass
 class Comparison:
-    """AIC/BIC table (best first) and the fits behind it, keyed by form name."""
+    """AIC/BIC table (best first) and the fits behind it, keyed by form name.
+
+    `excluded` maps each form that may not be 'best' to why (not identified, or AICc infinite);
+    `best` is None when no form qualifies, and `note` says so in one line.
+    """
 
     table: pd.DataFrame
     fits: dict[str, FitResult]
+    excluded: dict[str, str] = field(default_factory=dict)
 
     @property
-    def best(self) -> str:
-        return str(self.table["form"].iloc[0])
+    def best(self) -> str | None:
+        eligible = self.table[self.table["eligible"]] if "eligible" in self.table else self.table
+        return None if eligible.empty else str(eligible["form"].iloc[0])
+
+    @property
+    def note(self) -> str:
+        """'' when every form was ranked; else which forms were not, and why."""
+        if not self.excluded:
+            return ""
+        parts = [f"{name}: {why}" for name, why in self.excluded.items()]
+        head = ("no form can be ranked best" if self.best is None
+                else f"best among the identified forms: {self.best}; not eligible")
+        return f"{head} - " + " | ".join(parts)
 
 
 def compare_fits(fits: Sequence[FitResult], likelihood: str = "laplace") -> Comparison:
     """Rank fitted forms by AIC (ties and alternatives visible through BIC and Akaike weights).
 
     All fits must use the same rows of the same table, or the criteria are not comparable.
+    Only identified fits (`FitResult.identified`) with a finite AICc may be best: a row with
+    AICc = inf is `comparable=False` (its deltas and weight are NaN), an unidentified one is
+    `eligible=False` (its deltas, relative to the best eligible form, are shown; its weight is
+    NaN); `why` says which check failed. Eligible forms come first, by AIC. When a form is left
+    out, an UnidentifiedFitWarning says why (also in `Comparison.note`).
     """
     if len(fits) < 2:
         raise ValueError(f"comparing forms needs at least 2 fits, got {len(fits)}")
@@ -68,14 +91,31 @@ def compare_fits(fits: Sequence[FitResult], likelihood: str = "laplace") -> Comp
                              "AIC/BIC compare only fits of the same data")
     rows = []
     for f in fits:
+        ic = information_criteria(f, likelihood)
+        comparable = bool(np.isfinite(ic["aicc"]))
+        why = [] if comparable or "points" in f.identification.failed else [
+            f"AICc is infinite ({ic['n']:g} points, {ic['k']} parameters with the noise scale)"]
+        if not f.identified:
+            why.append(f"not identified: {f.why}")
+        if not f.converged:
+            why.append(f"did not converge: {f.message}")
         rows.append({"form": f.form.name, "formula": f.form.formula, "n_params": f.n_params,
-                     "objective": f.objective, "converged": f.converged, **information_criteria(f, likelihood)})
-    table = pd.DataFrame(rows).sort_values("aic", kind="stable").reset_index(drop=True)
-    table["delta_aic"] = table["aic"] - table["aic"].min()
-    table["delta_bic"] = table["bic"] - table["bic"].min()
-    rel = np.exp(-0.5 * table["delta_aic"])
-    table["aic_weight"] = rel / rel.sum()
-    return Comparison(table=table, fits={f.form.name: f for f in fits})
+                     "objective": f.objective, "converged": f.converged, "identified": f.identified,
+                     "comparable": comparable, "eligible": comparable and f.identified and f.converged,
+                     "why": "; ".join(why), **ic})
+    table = pd.DataFrame(rows)
+    table = table.iloc[np.lexsort((table["aic"].to_numpy(), ~table["eligible"].to_numpy()))].reset_index(drop=True)
+    eligible, comparable = table["eligible"].to_numpy(), table["comparable"].to_numpy()
+    for crit in ("aic", "bic"):
+        ref = table.loc[eligible, crit].min() if eligible.any() else np.nan
+        table[f"delta_{crit}"] = np.where(comparable, table[crit] - ref, np.nan)
+    rel = np.where(eligible, np.exp(-0.5 * table["delta_aic"].fillna(np.inf)), np.nan)
+    table["aic_weight"] = rel / np.nansum(rel) if eligible.any() else np.nan
+    excluded = {r.form: r.why for r in table.itertuples() if not r.eligible}
+    comparison = Comparison(table=table, fits={f.form.name: f for f in fits}, excluded=excluded)
+    if excluded:
+        warnings.warn(UnidentifiedFitWarning(f"form comparison: {comparison.note}"), stacklevel=2)
+    return comparison
 
 
 def compare_forms(df: pd.DataFrame, forms: Sequence[str | Form], x: Mapping[str, str], y: str, *,
@@ -89,7 +129,10 @@ def compare_forms(df: pd.DataFrame, forms: Sequence[str | Form], x: Mapping[str,
     names = [get_form(f).name for f in forms]
     if len(set(names)) != len(names):
         raise ValueError(f"each form may appear once, got {names}")
-    return compare_fits([fit(df, f, x, y, **fit_kwargs) for f in forms], likelihood)
+    with warnings.catch_warnings():  # one warning from compare_fits, not one per fit
+        warnings.simplefilter("ignore", UnidentifiedFitWarning)
+        fits = [fit(df, f, x, y, **fit_kwargs) for f in forms]
+    return compare_fits(fits, likelihood)
 
 
 @dataclass
@@ -117,7 +160,8 @@ class HoldoutResult:
         return {"form": self.fit.form.name, "by": self.by, "threshold": self.threshold,
                 "n_train": self.fit.n_points, "n_holdout": len(self.table),
                 "mean_abs_rel_error": self.mean_abs_rel_error, "max_abs_rel_error": self.max_abs_rel_error,
-                "rmse_log": self.rmse_log}
+                "rmse_log": self.rmse_log, "converged": self.fit.converged, "identified": self.fit.identified,
+                "why": self.fit.why}
 
 
 def holdout_largest(df: pd.DataFrame, form: str | Form, x: Mapping[str, str], y: str, *, by: str = "N",

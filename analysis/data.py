@@ -26,7 +26,16 @@ def load_csv(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such CSV file: {path}")
-    df = pd.read_csv(path)
+    expected = ("expected UTF-8 text: a header row of column names, then one comma-separated row per run with "
+                "as many fields")
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        reason = " ".join(str(e).split())  # one line: pandas' messages can span several
+        raise ValueError(f"cannot read {path} as CSV ({expected}): {reason}") from e
+    if not isinstance(df.index, pd.RangeIndex):  # pandas turns the surplus leading fields into an index
+        raise ValueError(f"cannot read {path} as CSV ({expected}): the rows have {df.index.nlevels} more "
+                         f"field(s) than the header's {len(df.columns)} column names")
     if df.empty:
         raise ValueError(f"{path} has no data rows")
     df.attrs["source"] = str(path)

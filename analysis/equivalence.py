@@ -9,10 +9,15 @@ the loss of an infinitely large dense model) has k = inf and is flagged.
 
 For probe accuracy (higher is better) the curves are fitted to the error 1 - accuracy,
 which decreases in N like a loss (`higher_is_better=True`).
+
+k is only as good as the dense law: when the dense fit (or the memory law) is not identified
+(`FitResult.identified`, e.g. a ladder of two model sizes), no k is reported: the result has
+k = NaN, `identified=False` and `why`, and an UnidentifiedFitWarning says so.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -23,6 +28,7 @@ from .data import variable_values
 from .expressions import evaluate
 from .fitting import FitResult, bootstrap_fit, fit
 from .forms import Form
+from .identifiability import UnidentifiedFitWarning
 
 _LOG_N_MIN, _LOG_N_MAX = 0.0, 700.0   # bisection range for log N_equiv (N = 1 .. ~1e304)
 _BISECTIONS = 64
@@ -70,13 +76,19 @@ def solve_equivalent_n(form: Form, thetas: np.ndarray, others: Mapping[str, np.n
 
 @dataclass
 class EquivalenceResult:
-    """Per memory row: anchor size, target, equivalent dense size and multiplier k with CI."""
+    """Per memory row: anchor size, target, equivalent dense size and multiplier k with CI.
+
+    `identified` is False when the dense fit or the memory law is not identified: k is then
+    NaN everywhere (no numbers are derived from an undetermined law) and `why` says why.
+    """
 
     table: pd.DataFrame
     dense_fit: FitResult
     replicates: np.ndarray | None   # k per bootstrap replicate [B, n] (None without bootstrap)
     ci_level: float | None
     groups: pd.DataFrame | None = None  # geometric-mean k per group, with CI, when `by` is given
+    identified: bool = True
+    why: str = ""
 
 
 def _thetas(form: Form, replicates: pd.DataFrame) -> np.ndarray:
@@ -108,6 +120,8 @@ def estimate_equivalence(dense: pd.DataFrame | FitResult, memory: pd.DataFrame, 
       for the CI at level `ci`; 0 skips the CI. Per-row CIs reflect the dense fit only (one
       measured run carries no noise estimate). by: memory columns to group rows (e.g. seeds of
       one configuration) into a geometric-mean k in `groups`, whose CI also resamples the runs.
+    An unidentified dense fit or memory law (before or after the bootstrap) gives k = NaN with
+    the reason in `why` (and a `why` column), not numbers; see `EquivalenceResult`.
     """
     x = {"N": "anchor_params", "D": "tokens"} if x is None else dict(x)
     target = y if target is None else target
@@ -122,7 +136,9 @@ def estimate_equivalence(dense: pd.DataFrame | FitResult, memory: pd.DataFrame, 
             if runs not in dense.columns:
                 raise ValueError(f"runs column {runs!r} not found in the dense table")
             runs = dense[runs].to_numpy()
-        dense_fit = fit(dense, form, x, wrap(y), **fit_kwargs)
+        with warnings.catch_warnings():  # the refusal below says it once
+            warnings.simplefilter("ignore", UnidentifiedFitWarning)
+            dense_fit = fit(dense, form, x, wrap(y), **fit_kwargs)
     if not dense_fit.converged:
         raise ValueError(f"the dense {dense_fit.form.name!r} fit did not converge ({dense_fit.message}); "
                          "k would not be meaningful")
@@ -137,6 +153,32 @@ def estimate_equivalence(dense: pd.DataFrame | FitResult, memory: pd.DataFrame, 
         if not np.all(np.isfinite(observed)) or np.any(observed <= 0):
             what = "1 - accuracy" if higher_is_better else "the target"
             raise ValueError(f"{what} ({wrap(target)!r}) must be finite and > 0 for every memory row")
+
+    def refused(fitted: FitResult) -> EquivalenceResult | None:
+        """k = NaN with the reason when the dense fit or the memory law is not identified."""
+        why = []
+        if not fitted.identified:
+            why.append(f"the dense {fitted.form.name!r} fit is not identified: {fitted.why}")
+        if memory_fit is not None and not memory_fit.identified:
+            why.append(f"the memory law {memory_fit.form.name!r} is not identified: {memory_fit.why}")
+        if not why:
+            return None
+        reason = "k not reported: " + "; ".join(why)
+        warnings.warn(UnidentifiedFitWarning(f"estimate_equivalence: {reason}"), stacklevel=3)
+        table = pd.DataFrame({k: v for k, v in mem_values.items()}, index=memory.index)
+        table["target"] = observed
+        table["N_equiv"] = table["k"] = np.nan
+        table["beyond_floor"] = table["below_range"] = False
+        table["why"] = reason
+        groups = None
+        if by is not None:
+            groups = _group_summary(memory, table, None, [by] if isinstance(by, str) else list(by), ci, seed)
+            groups["why"] = reason
+        return EquivalenceResult(table=table, dense_fit=fitted, replicates=None, ci_level=None, groups=groups,
+                                 identified=False, why=reason)
+
+    if (out := refused(dense_fit)) is not None:
+        return out
     n_equiv, beyond, below = solve_equivalent_n(dform, dense_fit.theta, others, observed)
     table = pd.DataFrame({k: v for k, v in mem_values.items()}, index=memory.index)
     table["target"] = observed
@@ -149,6 +191,8 @@ def estimate_equivalence(dense: pd.DataFrame | FitResult, memory: pd.DataFrame, 
     if bootstrap:
         if dense_fit.bootstrap is None or len(dense_fit.bootstrap) != bootstrap:
             dense_fit = bootstrap_fit(dense_fit, n_boot=bootstrap, runs=runs, seed=seed, ci=ci)
+        if (out := refused(dense_fit)) is not None:   # its CIs span orders of magnitude
+            return out
         boot = dense_fit.bootstrap[dense_fit.bootstrap["converged"]]
         thetas = _thetas(dform, boot)
         targets = np.broadcast_to(observed, (len(thetas), len(observed)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
@@ -21,6 +22,7 @@ from scipy.optimize import minimize
 
 from .data import Prepared, prepare_inputs, source_of, variable_values
 from .forms import Form, get_form
+from .identifiability import Identifiability, UnidentifiedFitWarning, identifiability, param_issues
 from .optimize import batched_lbfgs
 
 DEFAULT_DELTA = 1e-3
@@ -113,6 +115,10 @@ class FitResult:
     `params` are the reported parameters (e.g. A, B, E, alpha, beta); `theta` the optimisation-
     space vector. `used` marks the rows (of the original table) the fit saw. `ci` holds the
     bootstrap confidence intervals once `bootstrap_fit` has run.
+
+    `converged` is the optimiser's verdict only. `identified` says whether the data pin the
+    parameters down (see `analysis.identifiability`; recomputed whenever a result is made,
+    e.g. after a bootstrap); `reasons` names each failed check. Report both: `status`.
     """
 
     form: Form
@@ -136,6 +142,31 @@ class FitResult:
     ci: pd.DataFrame | None = None
     ci_level: float | None = None
     options: dict = field(default_factory=dict)
+    identification: Identifiability | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.identification = identifiability(self)
+
+    @property
+    def identified(self) -> bool:
+        """True when every identifiability check passes (the data determine the parameters)."""
+        return self.identification.identified
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        """One reason per failed identifiability check, each starting with the check's name."""
+        return self.identification.reasons
+
+    @property
+    def why(self) -> str:
+        """The reasons in one line ('' when identified)."""
+        return self.identification.why
+
+    @property
+    def status(self) -> str:
+        """'converged=... identified=...' and, when not identified, why: print this, not `converged` alone."""
+        out = f"converged={self.converged} identified={self.identified}"
+        return out if self.identified else f"{out} ({self.why})"
 
     @property
     def n_points(self) -> int:
@@ -169,10 +200,13 @@ class FitResult:
         return out
 
     def summary(self) -> pd.DataFrame:
-        """Parameters as a table, with CI columns when bootstrapped."""
+        """Parameters as a table, with CI columns when bootstrapped, then whether the fit is
+        identified and, per parameter, the reasons that concern it ('' when none)."""
         out = pd.DataFrame({"param": list(self.params), "estimate": list(self.params.values())})
         if self.ci is not None:
             out = out.merge(self.ci.drop(columns="estimate"), on="param", how="left")
+        out["identified"] = self.identified
+        out["issue"] = param_issues(self.identification, list(self.params))
         return out
 
     def to_dict(self) -> dict:
@@ -187,7 +221,7 @@ class FitResult:
             "objective": self.objective, "converged": self.converged, "message": self.message,
             "n_points": self.n_points, "n_excluded": self.n_excluded, "n_starts": len(self.starts),
             "n_converged_starts": converged_starts, "delta": self.delta, "seconds": round(self.seconds, 3),
-            "source": self.source,
+            "source": self.source, "identified": self.identified, "reasons": list(self.reasons),
         }
         if self.bootstrap is not None:
             out["fit"]["n_bootstrap"] = int(len(self.bootstrap))
@@ -333,6 +367,8 @@ def fit(df: pd.DataFrame, form: str | Form, x: Mapping[str, str], y: str, *, del
     objective's size (so a small objective does not stop early) and an iteration cap.
     bootstrap: if > 0, run `bootstrap_fit` with that many resamples of `runs` (a column name
     or one id per row; default each row is its own run) and attach CIs at level `ci`.
+    The result's `identified` / `reasons` say whether the data determine the law (see
+    `analysis.identifiability`); an unidentified fit also raises an UnidentifiedFitWarning.
     """
     form = get_form(form)
     if not delta > 0:
@@ -362,6 +398,10 @@ def fit(df: pd.DataFrame, form: str | Form, x: Mapping[str, str], y: str, *, del
     )
     if bootstrap:
         result = bootstrap_fit(result, n_boot=bootstrap, runs=run_ids, seed=seed, ci=ci)
+    if not result.identified:
+        warnings.warn(UnidentifiedFitWarning(
+            f"the {form.name!r} fit is not identified (converged={result.converged}, identified=False): "
+            f"{result.why}. Its parameters, and anything derived from them, are not estimates"), stacklevel=2)
     return result
 
 
@@ -387,7 +427,8 @@ def bootstrap_fit(result: FitResult, n_boot: int = 200, runs: Sequence | None = 
     was drawn (equivalent to refitting on the resampled table) and restarts L-BFGS from the
     best fit and up to `n_starts - 1` other local optima, all replicates in one batch.
     Replicates that fail to converge stay in `bootstrap` with converged=False and are left
-    out of the CIs.
+    out of the CIs. The copy's identifiability includes the bootstrap check (CIs spanning
+    orders of magnitude mark it unidentified).
     """
     if n_boot < 2:
         raise ValueError(f"bootstrap needs at least 2 resamples, got {n_boot}")

@@ -52,6 +52,13 @@ class Form:
     [S, n] or broadcastable), plus `_to_natural` / `_from_natural`; then instantiate it with its
     names, default grid and bounds, and pass it to `register_form` (or directly to `fit`).
     Validation, natural-parameter dictionaries and predictions are shared.
+
+    Identifiability (see `analysis.identifiability`) uses three optional declarations:
+    `min_distinct` maps a variable (or a tuple of variables, counted jointly over rows where all
+    are > 0) to how many distinct values the form needs (default: 2 of each variable);
+    `exponents` names the natural parameters that are exponents, expected inside
+    `exponent_range`; `scales` names the positive scale parameters (fitted as logs), whose
+    magnitudes and bootstrap spreads are checked. `natural_params[j]` reports `params[j]`.
     """
 
     name: str
@@ -62,6 +69,10 @@ class Form:
     default_grid: Mapping[str, tuple[float, ...]]
     bounds: Mapping[str, tuple[float | None, float | None]] = field(default_factory=dict)
     default_max_starts: int | None = None   # subsample the default grid above this size
+    min_distinct: Mapping[str | tuple[str, ...], int] = field(default_factory=dict)
+    exponents: tuple[str, ...] = ()         # natural names of exponents (checked against exponent_range)
+    scales: tuple[str, ...] = ()            # natural names of positive scale parameters (A, B, E, eta)
+    exponent_range: tuple[float, float] = (0.01, 3.0)
 
     # ----- shared API ---------------------------------------------------------------
     @property
@@ -112,6 +123,12 @@ class Form:
             raise ValueError(f"form {self.name!r} needs parameters {list(self.natural_params)}; missing {missing}")
         t = self._from_natural(natural)
         return np.array([t[p] for p in self.params], dtype=float)
+
+    def distinct_needed(self) -> dict[tuple[str, ...], int]:
+        """Distinct values each variable (or tuple of variables, jointly) needs for the form's
+        parameters to be identified: `min_distinct`, else 2 of every variable."""
+        given = self.min_distinct or {v.name: 2 for v in self.variables}
+        return {(k,) if isinstance(k, str) else tuple(k): int(n) for k, n in given.items()}
 
     def bounds_list(self) -> list[tuple[float | None, float | None]]:
         return [self.bounds.get(p, (None, None)) for p in self.params]
@@ -309,11 +326,13 @@ FORMS: dict[str, Form] = {
             params=("a", "b", "e", "alpha", "beta"), natural_params=("A", "B", "E", "alpha", "beta"),
             default_grid={"a": _steps(0, 25, 5), "b": _steps(0, 25, 5), "e": _steps(-1, 1, 0.5),
                           "alpha": _steps(0, 2, 0.5), "beta": _steps(0, 2, 0.5)},
+            min_distinct={"N": 3, "D": 3}, exponents=("alpha", "beta"), scales=("A", "B", "E"),
         ),
         PowerLaw(
             name="power_law", formula="y = E + A/N^alpha", variables=(_N,),
             params=("a", "e", "alpha"), natural_params=("A", "E", "alpha"),
             default_grid={"a": _steps(0, 25, 2.5), "e": _steps(-4, 1, 1), "alpha": _steps(0, 2, 0.25)},
+            min_distinct={"N": 3}, exponents=("alpha",), scales=("A", "E"),
         ),
         MemoryEffective(
             name="memory_effective", formula="L = E + A/(N + eta*M^mu*Bk^(1-mu))^alpha + B/D^beta",
@@ -324,6 +343,8 @@ FORMS: dict[str, Form] = {
                           "alpha": (0.25, 0.5, 1.0), "beta": (0.25, 0.5, 1.0), "h": _steps(-6, 2, 2),
                           "mu": (0.25, 0.5, 0.75)},
             bounds=_MU_BOUNDS, default_max_starts=200,
+            min_distinct={"N": 3, "D": 3, ("M", "Bk"): 2}, exponents=("alpha", "beta"),
+            scales=("A", "B", "E", "eta"),
         ),
         MemoryAdditive(
             name="memory_additive", formula="L = E + A/N^alpha + B/D^beta + C/(N + eta*M^mu*Bk^(1-mu))^gamma",
@@ -334,6 +355,8 @@ FORMS: dict[str, Form] = {
                           "alpha": (0.25, 0.5, 1.0), "beta": (0.25, 0.5, 1.0), "gamma": (0.25, 0.5, 1.0),
                           "h": _steps(-6, 2, 2), "mu": (0.25, 0.5, 0.75)},
             bounds=_MU_BOUNDS, default_max_starts=250,
+            min_distinct={"N": 3, "D": 3, ("M", "Bk"): 3}, exponents=("alpha", "beta", "gamma"),
+            scales=("A", "B", "C", "E", "eta"),
         ),
     )
 }
@@ -352,6 +375,14 @@ def register_form(form: Form, replace: bool = False) -> Form:
     if len(form.natural_params) != len(form.params):
         raise ValueError(f"form {form.name!r}: {len(form.params)} parameters but "
                          f"{len(form.natural_params)} natural parameter names")
+    unknown = [p for p in dict.fromkeys((*form.exponents, *form.scales)) if p not in form.natural_params]
+    if unknown:
+        raise ValueError(f"form {form.name!r}: exponents/scales {unknown} are not among its natural parameters "
+                         f"{list(form.natural_params)}")
+    bad = [k for k in form.distinct_needed() if not set(k) <= set(form.variable_names)]
+    if bad:
+        raise ValueError(f"form {form.name!r}: min_distinct names {bad}, which are not among its variables "
+                         f"{list(form.variable_names)}")
     FORMS[form.name] = form
     return form
 

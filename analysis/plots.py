@@ -63,7 +63,7 @@ def save_figure(fig: Figure, data: pd.DataFrame, path: str | Path, dpi: int = 13
     return PlotFiles(png=png, csv=csv, figure=fig)
 
 
-def _hue(data: pd.DataFrame, column: str | None, max_levels: int = 8) -> dict:
+def hue_map(data: pd.DataFrame, column: str | None, max_levels: int = 8) -> dict:
     """Seaborn hue arguments for a column: few numeric values become ordered, readable
     categories ('1e+09'); many become a continuous viridis scale (log-normed if positive)."""
     if column is None:
@@ -90,7 +90,7 @@ def plot_fit(result: FitResult, path: str | Path) -> PlotFiles:
     first = result.form.variable_names[0]
     second = result.form.variable_names[1] if len(result.form.variable_names) > 1 else None
     fig, (ax, ax_res) = _figure(2)
-    hue = _hue(data, second)
+    hue = hue_map(data, second)
     sns.scatterplot(data=data, x=first, y="observed", style="set", ax=ax, **hue)
     ax.scatter(data[first], data["predicted"], marker="x", s=14, color="black", label="fit", linewidths=0.8)
     ax.set(xscale="log", xlabel=f"{first} ({result.x[first]})", ylabel=result.y_name,
@@ -163,12 +163,15 @@ def plot_iso_runtime(view: pd.DataFrame, path: str | Path, hue: str | None = Non
     data = view.reset_index(drop=True)
     data["tokens_group"] = scale_groups(data["tokens"].to_numpy(), 0.05) if "tokens" in data else 0
     fig, (ax,) = _figure(1, width=6.5, height=4.8)
-    hue_kw = _hue(data, hue) if hue else {"hue": "kind"}
+    hue_kw = hue_map(data, hue) if hue else {"hue": "kind"}
     sns.scatterplot(data=data, x="runtime_params", y="loss", style="kind", ax=ax, zorder=3, **hue_kw)
     for _, dense in data[data["kind"] == "dense"].groupby("tokens_group"):
         dense = dense.sort_values("runtime_params")
         ax.plot(dense["runtime_params"], dense["loss"], color="gray", lw=0.8, zorder=1)
-    if "dense_loss_at_runtime" in data:
+    skipped = view.attrs.get("skipped", "")
+    if skipped:
+        _note(ax, skipped)
+    elif "dense_loss_at_runtime" in data:
         mem = data[data["kind"] == "memory"]
         ax.vlines(mem["runtime_params"], mem["loss"], mem["dense_loss_at_runtime"], color="tab:red", lw=0.8,
                   label="gain over dense law at equal runtime params", zorder=2)
@@ -178,13 +181,25 @@ def plot_iso_runtime(view: pd.DataFrame, path: str | Path, hue: str | None = Non
     return save_figure(fig, data, path)
 
 
+def _note(ax, text: str, width: int = 70) -> None:
+    """Why something is not drawn, wrapped, in the top left of the axes."""
+    import textwrap
+    ax.text(0.01, 0.98, textwrap.fill(text, width), transform=ax.transAxes, va="top", fontsize=7, color="tab:red")
+
+
 def plot_equivalence(result: EquivalenceResult, path: str | Path) -> PlotFiles:
-    """Multiplier k (with CI bars) against anchor size; k = 1 is 'no better than dense'."""
+    """Multiplier k (with CI bars) against anchor size; k = 1 is 'no better than dense'.
+
+    When no k was reported (an unidentified dense fit), the figure says why instead."""
     data = result.table.reset_index(names="row")
-    finite = data[np.isfinite(data["k"])]
     fig, (ax,) = _figure(1, width=6.0, height=4.5)
-    finite = finite.copy()
-    sns.scatterplot(data=finite, x="N", y="k", ax=ax, zorder=3, **_hue(finite, "D" if "D" in finite else None))
+    title = f"dense-equivalent multiplier ({result.dense_fit.form.name} dense fit)"
+    if not result.identified:
+        _note(ax, result.why)
+        ax.set(xlabel="anchor parameters", ylabel="k = N_equiv / N_anchor", title=title)
+        return save_figure(fig, data, path)
+    finite = data[np.isfinite(data["k"])].copy()
+    sns.scatterplot(data=finite, x="N", y="k", ax=ax, zorder=3, **hue_map(finite, "D" if "D" in finite else None))
     if "k_lo" in data:
         lo = np.clip(finite["k"] - finite["k_lo"], 0, None)
         hi = np.where(np.isfinite(finite["k_hi"]), finite["k_hi"] - finite["k"], 0)
@@ -193,8 +208,7 @@ def plot_equivalence(result: EquivalenceResult, path: str | Path) -> PlotFiles:
         ax.text(0.01, 0.98, f"{int((~np.isfinite(data['k'])).sum())} run(s) beyond the dense floor (k = inf)",
                 transform=ax.transAxes, va="top", fontsize=8)
     ax.axhline(1, color="black", lw=0.8)
-    ax.set(xscale="log", xlabel="anchor parameters", ylabel="k = N_equiv / N_anchor",
-           title=f"dense-equivalent multiplier ({result.dense_fit.form.name} dense fit)")
+    ax.set(xscale="log", xlabel="anchor parameters", ylabel="k = N_equiv / N_anchor", title=title)
     return save_figure(fig, data, path)
 
 
@@ -214,10 +228,15 @@ def plot_holdout(result: HoldoutResult, path: str | Path) -> PlotFiles:
 
 
 def plot_comparison(comparison: Comparison, path: str | Path) -> PlotFiles:
-    """Delta AIC and delta BIC per form (0 = best)."""
+    """Delta AIC and delta BIC per form (0 = best); forms that may not be best (not identified,
+    AICc infinite) are listed with the reason, and have no bar when not comparable."""
     data = comparison.table
     long = data.melt(id_vars="form", value_vars=["delta_aic", "delta_bic"], var_name="criterion", value_name="delta")
     fig, (ax,) = _figure(1, width=6.0, height=4.0)
-    sns.barplot(data=long, x="form", y="delta", hue="criterion", ax=ax)
-    ax.set(ylabel="difference from best (lower is better)", xlabel="", title="model comparison")
+    if long["delta"].notna().any():
+        sns.barplot(data=long, x="form", y="delta", hue="criterion", ax=ax)
+    if comparison.note:
+        _note(ax, comparison.note, width=90)
+    ax.set(ylabel="difference from best (lower is better)", xlabel="",
+           title="model comparison" + ("" if comparison.best else " (no form identified)"))
     return save_figure(fig, data, path)

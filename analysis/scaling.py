@@ -7,7 +7,9 @@
     python -m analysis.scaling holdout FILE.csv --form chinchilla --x ... --y loss --by N
     python -m analysis.scaling forms
 
-`fit` exits with status 1 when no start converged (the JSON then says "converged": false).
+`fit` exits with status 1 when no start converged or the fit is not identified by the data (the
+JSON then says "converged": false or "identified": false, with "reasons"; see
+analysis.identifiability); `compare` exits with status 1 when no form can be ranked best.
 --x ROLE=EXPR maps a variable of the form (see `forms`) to a column or an arithmetic expression
 over columns; names may contain spaces (the longest matching column name wins) or be quoted
 with backticks. Errors go to stderr with exit status 2.
@@ -19,12 +21,14 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from typing import Sequence
 
 from .compare import compare_forms, holdout_largest
 from .data import load_csv, parse_assignment
 from .fitting import DEFAULT_DELTA, DEFAULT_MAXITER, fit
 from .forms import FORMS, list_forms
+from .identifiability import UnidentifiedFitWarning
 
 
 def _x_mapping(items: Sequence[str] | None) -> dict[str, str]:
@@ -76,8 +80,13 @@ def _cmd_fit(args) -> int:
         print(f"  {info['n_points']} points ({info['n_excluded']} excluded), {info['n_starts']} starts, "
               f"objective {result.objective:.6g}, converged={result.converged} ({result.message}), "
               f"{result.seconds:.1f} s")
-        print(result.summary().to_string(index=False, float_format=lambda v: f"{v:.6g}"))
-    return 0 if result.converged else 1
+        print(f"  identified={result.identified}" + ("" if result.identified else
+                                                      " - not estimates, because:"))
+        for reason in result.reasons:
+            print(f"    {reason}")
+        table = result.summary().drop(columns=["identified", "issue"])
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.6g}"))
+    return 0 if result.converged and result.identified else 1
 
 
 def _cmd_compare(args) -> int:
@@ -85,14 +94,17 @@ def _cmd_compare(args) -> int:
     comparison = compare_forms(df, args.form, _x_mapping(args.x), args.y, likelihood=args.likelihood,
                                **_fit_options(args))
     if args.json:
-        _print_json({"best": comparison.best, "likelihood": args.likelihood,
+        _print_json({"best": comparison.best, "likelihood": args.likelihood, "not_ranked": comparison.excluded,
                      "table": comparison.table.to_dict("records"),
                      "params": {name: f.params for name, f in comparison.fits.items()}})
     else:
-        cols = ["form", "n_params", "objective", "converged", "loglik", "aic", "bic", "delta_aic", "delta_bic",
-                "aic_weight"]
+        cols = ["form", "n_params", "objective", "converged", "identified", "comparable", "loglik", "aic", "aicc",
+                "bic", "delta_aic", "delta_bic", "aic_weight"]
         print(comparison.table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    return 0
+        print(f"best: {comparison.best}" if comparison.best else "best: none (no form is identified)")
+        for name, why in comparison.excluded.items():
+            print(f"  {name} not ranked: identified={comparison.fits[name].identified}; {why}")
+    return 0 if comparison.best else 1
 
 
 def _cmd_holdout(args) -> int:
@@ -176,9 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from hiermem.cli import quiet_broken_pipe  # `... | head` ends quietly
+    return quiet_broken_pipe(_main, argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # the output itself reports identified=False and why
+            warnings.simplefilter("ignore", UnidentifiedFitWarning)
+            return args.func(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -9,10 +9,15 @@ sampled range, and the law-based optimum avoids the issue.
 
 Iso-runtime: loss against runtime parameters (anchor + fetched memory) for dense and memory
 models, the comparison behind "memory matches a dense model with more runtime parameters".
+
+A fitted law that is not identified (`FitResult.identified`) is not used: its columns are
+left out (IsoFLOP; the reason in `IsoFlopView.skipped`) or NaN (iso-runtime gains; the
+reason in the frame's `attrs["skipped"]`), and an UnidentifiedFitWarning says why.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +26,7 @@ import pandas as pd
 from .data import scale_groups, source_of, variable_values
 from .expressions import evaluate
 from .fitting import FitResult
+from .identifiability import UnidentifiedFitWarning
 
 
 @dataclass
@@ -30,6 +36,16 @@ class IsoFlopView:
     points: pd.DataFrame   # params, tokens, flops, loss, budget_group, budget
     optima: pd.DataFrame   # per budget: n_points, parabola optimum (+ interior flag), law optimum
     curves: pd.DataFrame   # per budget: params grid, parabola and law predictions
+    skipped: str = ""      # why the law was not used ('' when it was, or none was given)
+
+
+def _unidentified(law: FitResult | None, what: str) -> str:
+    """'' for no law or an identified one; else the reason, also raised as a warning."""
+    if law is None or law.identified:
+        return ""
+    reason = f"{what} not computed: the {law.form.name!r} fit is not identified ({law.why})"
+    warnings.warn(UnidentifiedFitWarning(reason), stacklevel=3)
+    return reason
 
 
 def _positive(df: pd.DataFrame, expr: str, what: str) -> np.ndarray:
@@ -53,8 +69,12 @@ def isoflop_view(df: pd.DataFrame, *, params: str = "anchor_params", tokens: str
     FLOPs come from `flops` (a column/expression), else `flops_per_token` * tokens (training
     FLOPs per token), else 6 * params * tokens. Budgets within a factor (1 + rtol) are one
     group, or, with `bins`, equal-width bins in log FLOPs. `law` (a fitted form over N, D)
-    adds the law's optimum and curve per budget along C = 6 N D.
+    adds the law's optimum and curve per budget along C = 6 N D, unless it is not identified
+    (then `skipped` says why and only the parabolas are given).
     """
+    skipped = _unidentified(law, "law-based IsoFLOP optima")
+    if skipped:
+        law = None
     n = _positive(df, params, "params")
     d = _positive(df, tokens, "tokens")
     loss = _positive(df, y, "target")
@@ -101,7 +121,8 @@ def isoflop_view(df: pd.DataFrame, *, params: str = "anchor_params", tokens: str
             curve["loss_law"] = _law_at(law, grid, budget / (6 * grid))
         optima.append(row)
         curves.append(curve)
-    return IsoFlopView(points=points, optima=pd.DataFrame(optima), curves=pd.concat(curves, ignore_index=True))
+    return IsoFlopView(points=points, optima=pd.DataFrame(optima), curves=pd.concat(curves, ignore_index=True),
+                       skipped=skipped)
 
 
 def iso_runtime_view(df: pd.DataFrame, *, anchor: str = "anchor_params", fetched: str = "fetched_params",
@@ -112,7 +133,9 @@ def iso_runtime_view(df: pd.DataFrame, *, anchor: str = "anchor_params", fetched
     `tokens` (a column, carried along when the table has it; None to skip) lets plots join
     dense runs of equal training length. `hue` (a column) is carried along for plotting (e.g.
     bank size). With `dense_fit` (a dense law whose N is the anchor size), adds the dense law's
-    loss at the same runtime parameters and tokens, and the memory model's gain over it.
+    loss at the same runtime parameters and tokens, and the memory model's gain over it; when
+    that fit is not identified both columns are NaN, `attrs["skipped"]` says why and an
+    UnidentifiedFitWarning is raised.
     """
     a = _positive(df, anchor, "anchor params")
     m = evaluate(df, fetched)
@@ -127,7 +150,11 @@ def iso_runtime_view(df: pd.DataFrame, *, anchor: str = "anchor_params", fetched
         if hue not in df.columns:
             raise ValueError(f"hue column {hue!r} not found{source_of(df)}")
         out[hue] = df[hue].to_numpy()
-    if dense_fit is not None:
+    skipped = _unidentified(dense_fit, "iso-runtime gains over the dense law")
+    if skipped:
+        out["dense_loss_at_runtime"] = out["gain_vs_dense"] = np.nan
+        out.attrs["skipped"] = skipped
+    elif dense_fit is not None:
         values = variable_values(df, dense_fit.form, dense_fit.x)
         values["N"] = out["runtime_params"].to_numpy()
         out["dense_loss_at_runtime"] = dense_fit.form.predict(dense_fit.theta, values)

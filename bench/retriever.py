@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hiermem import native  # noqa: E402
 from hiermem.embed import get_embedder  # noqa: E402
-from hiermem.retriever import HierarchicalKMeans, TreeConfig  # noqa: E402
+from hiermem.kmeans import TreeConfig  # noqa: E402
+from hiermem.retriever import HierarchicalKMeans  # noqa: E402
 
 
 def wiki_texts(n: int) -> list[str]:
@@ -97,7 +98,7 @@ def route_rates(tree: HierarchicalKMeans, queries: np.ndarray, threads: int, rep
 
 def faiss_vs_numpy_level(queries: np.ndarray, tree: HierarchicalKMeans) -> dict[int, float] | None:
     """Time of faiss's exact search (IndexFlatL2, k=1) over one node's centroids divided by ours
-    (`_nearest`: the compiled kernel when it builds, else one BLAS matmul + argmin), on one thread,
+    (`nearest`: the compiled kernel when it builds, else one BLAS matmul + argmin), on one thread,
     for blocks of 2,048 rows (a stage-A chunk) and of 128 rows (a typical per-node group at deeper
     levels): why the router does not call faiss."""
     try:
@@ -105,16 +106,16 @@ def faiss_vs_numpy_level(queries: np.ndarray, tree: HierarchicalKMeans) -> dict[
     except ImportError:
         return None
     from threadpoolctl import threadpool_limits
-    from hiermem.routing import _nearest
+    from hiermem.routing import nearest
     faiss.omp_set_num_threads(1)
-    router, centroids = tree._router, tree.levels[0].centroids[0]
+    router, centroids = tree.router, tree.levels[0].centroids[0]
     index = faiss.IndexFlatL2(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids))
     ratios = {}
     for rows in (2048, 128):
         blocks = [np.ascontiguousarray(queries[lo:lo + rows]) for lo in range(0, 8 * rows, rows)] * (196608 // (8 * rows))
         with threadpool_limits(1, user_api="blas"):
-            ours = min(_timed(lambda: [_nearest(b, router.ct[0][0], router.cn[0][0]) for b in blocks])[0] for _ in range(3))
+            ours = min(_timed(lambda: [nearest(b, router.ct[0][0], router.cn[0][0]) for b in blocks])[0] for _ in range(3))
             theirs = min(_timed(lambda: [index.search(b, 1) for b in blocks])[0] for _ in range(3))
         ratios[rows] = theirs / ours
     return ratios

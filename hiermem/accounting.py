@@ -22,7 +22,8 @@ import dataclasses
 import json
 
 from hiermem.config import MemoryConfig, ModelConfig, model_preset, parse_multipliers
-from hiermem.memory import unit_width
+from hiermem.fmt import human, human_bytes
+from hiermem.memory_kinds import MEMORY_KINDS, get_kind
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "int8": 1,
                "fp8": 1, "int4": 0.5}
@@ -136,7 +137,7 @@ def count(model: ModelConfig, memory: MemoryConfig | None = None, seq_len: int |
     norms = n_layers * (2 * d + 2 * a) + d
     fetched, bank, generic = (), (), 0
     if memory is not None and memory.enabled:
-        width = unit_width(model, memory.type)
+        width = get_kind(memory.type).unit_width(model)
         n_mem_layers = len(memory.memory_layers(n_layers))
         units = memory.units_per_layer(n_layers)
         fetched = tuple(r * n_mem_layers * width for r in units)
@@ -155,20 +156,6 @@ def count(model: ModelConfig, memory: MemoryConfig | None = None, seq_len: int |
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def _fmt(n: float) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:g}"
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:g} B"
-
-
 def format_table(acc: Accounting, dtype: str = "bfloat16") -> str:
     rows = [("embedding params", acc.embedding_params),
             ("anchor non-embedding params", acc.anchor_non_embedding_params),
@@ -177,7 +164,7 @@ def format_table(acc: Accounting, dtype: str = "bfloat16") -> str:
     for level, (fp, bp) in enumerate(zip(acc.fetched_per_level, acc.bank_per_level), start=1):
         rows.append((f"level {level}: fetched / bank params", f"{fp:,} / {bp:,}"))
         rows.append((f"level {level}: fetched / bank bytes ({dtype})",
-                     f"{_fmt_bytes(fetched_bytes[level - 1])} / {_fmt_bytes(bank_bytes[level - 1])}"))
+                     f"{human_bytes(fetched_bytes[level - 1])} / {human_bytes(bank_bytes[level - 1])}"))
     rows += [("fetched params (per context)", acc.fetched_params), ("bank params", acc.bank_params),
              ("generic block params", acc.generic_params), ("runtime params (anchor + fetched)", acc.runtime_params),
              ("training FLOPs / token", acc.flops_per_token),
@@ -185,7 +172,7 @@ def format_table(acc: Accounting, dtype: str = "bfloat16") -> str:
     width = max(len(name) for name, _ in rows)
     lines = []
     for name, value in rows:
-        text = f"{value:,}  ({_fmt(value)})" if isinstance(value, int) else str(value)
+        text = f"{value:,}  ({human(value)})" if isinstance(value, int) else str(value)
         lines.append(f"{name:<{width}}  {text}")
     return "\n".join(lines)
 
@@ -199,29 +186,55 @@ def _run_count(args: argparse.Namespace) -> int:
         memory = MemoryConfig(type=args.memory_type, multipliers=parse_multipliers(args.memory), branching=args.k,
                               placement=args.placement, generic=not args.no_generic)
     acc = count(model, memory, seq_len=args.seq_len)
+    estimate = None
+    if args.tiers is not None:  # storage tiers and fetch cost (hiermem.tiers)
+        from hiermem.tiers import estimate_for, format_estimate
+        if memory is None:
+            raise ValueError("--tiers needs a memory configuration (--memory r1,r2,...): a dense model fetches nothing")
+        estimate = estimate_for(acc, args.dtype, args.tiers, args.tier_preset, args.tier_spec or (), args.flat_tier,
+                                args.overlap)
     if args.json:
         out = {"anchor": args.anchor, "memory": list(memory.multipliers) if memory else None,
                "memory_type": args.memory_type, "k": args.k, **acc.to_dict(args.dtype)}
+        if estimate is not None:
+            out["tiers"] = estimate.to_dict()
         print(json.dumps(out, indent=2))
     else:
         title = f"{args.anchor}" + (f" + {args.memory_type} memory {memory.multipliers}, k={args.k}" if memory else "")
         print(title)
         print(format_table(acc, args.dtype))
+        if estimate is not None:
+            print()
+            print(format_estimate(estimate))
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("count", help="parameters, FLOPs and bytes of an anchor + memory config (nothing allocated)",
                        description="Answer 'how big is this?' for any anchor preset and memory configuration.")
-    p.add_argument("--anchor", default="openlm-160m", help="anchor preset (openlm-160m, openlm-410m, openlm-1b, "
-                                                           "d1024-l12 ... d1024-l24, tiny-d<N>)")
+    p.add_argument("--anchor", default="openlm-160m",
+                   help="anchor preset (default openlm-160m): openlm-160m, openlm-410m, openlm-1b, "
+                        "d1024-l12/l17/l19/l21/l22/l24 (the paper's Table 8), tiny-d<N> (N >= 1)")
     p.add_argument("--memory", default=None, help="per-level multipliers r1,...,rp, e.g. 256,64,16,0")
     p.add_argument("--k", type=int, default=16, help="branching factor of the tree (default 16)")
-    p.add_argument("--memory-type", default="ffn", help="ffn | lora-ffn | lora-qk | lora-vo | kv")
-    p.add_argument("--placement", default="uniform", help="uniform | early | middle | late | '0,3,5'")
+    p.add_argument("--memory-type", default="ffn", help=" | ".join(MEMORY_KINDS))
+    p.add_argument("--placement", default="uniform",
+                   help="uniform (default) | early | middle | late | a comma list of layer indices, e.g. '0,3,5'")
     p.add_argument("--no-generic", action="store_true", help="do not count a generic block")
     p.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size")
     p.add_argument("--seq-len", type=int, default=2048, help="context length for attention FLOPs (default 2048)")
-    p.add_argument("--dtype", default="bfloat16", help="storage dtype for byte counts (default bfloat16)")
+    p.add_argument("--dtype", default="bfloat16",
+                   help=f"storage dtype for byte counts (default bfloat16): {', '.join(DTYPE_BYTES)}")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
+    p.add_argument("--tiers", nargs="?", const="default", default=None, metavar="PLACEMENT",
+                   help="fetch cost per document on storage tiers: one tier per level, e.g. flash,disk,network "
+                        "(the default) or 1=flash,2=disk; against a flat single-level bank of the same size "
+                        "(README: 'Storage tiers and fetch cost')")
+    p.add_argument("--tier-preset", default="server", help="tier parameters: server (default) | laptop")
+    p.add_argument("--tier-spec", action="append", default=None, metavar="SPEC",
+                   help="override or add a tier: NAME=BANDWIDTH:LATENCY (bytes/s : s), e.g. flash=2e9:1e-4, or a YAML "
+                        "file {name: {bandwidth, latency}}; repeatable")
+    p.add_argument("--flat-tier", default="disk", help="the tier holding the flat bank compared with (default disk)")
+    p.add_argument("--overlap", default="parallel", choices=["parallel", "sequential"],
+                   help="levels on different tiers read concurrently (default) or one after another")
     p.set_defaults(func=_run_count)

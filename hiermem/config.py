@@ -117,7 +117,7 @@ class MemoryConfig(Config):
 
     type: str = "ffn"
     multipliers: tuple[int, ...] = (16, 4, 1)
-    branching: int = 16
+    branching: int | None = None  # blocks per node; None: the data tree's (TrainConfig sets it)
     placement: str = "uniform"
     scale_units_to_uniform: bool = False
     generic: bool = True
@@ -129,8 +129,8 @@ class MemoryConfig(Config):
         require(len(self.multipliers) >= 1, "multipliers", "at least one level", self.multipliers)
         for i, r in enumerate(self.multipliers):
             require(isinstance(r, int) and r >= 0, f"multipliers[{i}]", "a non-negative integer", r)
-        require(isinstance(self.branching, int) and self.branching >= 2, "branching", "an integer >= 2",
-                self.branching)
+        require(self.branching is None or (isinstance(self.branching, int) and self.branching >= 2), "branching",
+                "null (the data tree's) or an integer >= 2", self.branching)
         require(self.lora_alpha > 0, "lora_alpha", "a positive number", self.lora_alpha)
         require(self.init_std is None or self.init_std > 0, "init_std", "a positive number or null (1/sqrt(d))",
                 self.init_std)
@@ -171,6 +171,8 @@ class MemoryConfig(Config):
 
     def nodes_at_level(self, level: int) -> int:
         """Number of tree nodes (memory blocks) at 0-based `level`: k^(level+1)."""
+        require(self.branching is not None, "memory.branching", "an integer >= 2 to size a bank (null is only "
+                "resolved from data.tree inside a TrainConfig)", self.branching)
         return self.branching ** (level + 1)
 
 

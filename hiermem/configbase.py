@@ -80,13 +80,14 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
     return value
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """Configs (nested in dicts, lists and tuples) as plain dicts and lists, ready for YAML/JSON."""
     if isinstance(value, Config):
         return value.to_dict()
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     return value
 
 
@@ -113,7 +114,7 @@ class Config:
         return cls(**kwargs)
 
     def to_dict(self) -> dict:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.init}
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.init}
 
     def replace(self: T, **changes: Any) -> T:
         return dataclasses.replace(self, **changes)

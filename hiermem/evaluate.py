@@ -40,7 +40,8 @@ from hiermem.model import HierMemLM
 from hiermem.modes import (BASE_MODES, Blocking, EvalMode, Rows, check_mode_name, choose_blocked_nodes,
                            mode_names)
 from hiermem.probing import answer_matches, candidate_logprobs, document_nll, greedy_generate
-from hiermem.train import TrainConfig, device_for, final_checkpoint
+from hiermem.rundir import RunDir
+from hiermem.train import TrainConfig, device_for
 
 log = logging.getLogger(__name__)
 SPLITS = ("eval", "val", "all")
@@ -270,23 +271,24 @@ def summarize(results: pd.DataFrame, perplexity: pd.DataFrame, model_name: str) 
 
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, progress: bool = False,
-                 reuse: bool = False) -> pd.DataFrame:
+                 reuse: bool = False, data: DataBundle | None = None) -> pd.DataFrame:
     """Evaluate a finished run; writes RUN_DIR/eval/*.{parquet,csv} atomically and returns the summary.
 
     reuse: return the existing summary when RUN_DIR/eval was written with the same EvalConfig after
-    the final checkpoint (so re-running a pipeline does not re-evaluate).
+    the final checkpoint (so re-running a pipeline does not re-evaluate). data: the run's built data
+    bundle (built here when None).
     """
     cfg = cfg or EvalConfig()
-    run_dir = Path(run_dir)
-    out = run_dir / "eval"
-    if reuse and (out / "summary.csv").exists() and (out / "eval_config.yaml").exists():
-        same = EvalConfig.load(out / "eval_config.yaml") == cfg
-        fresh = (out / "summary.csv").stat().st_mtime >= (final_checkpoint(run_dir) / "config.yaml").stat().st_mtime
+    run = RunDir.open(run_dir)
+    final = run.final
+    if reuse and run.is_evaluated and run.eval_path("summary").is_file():
+        same = EvalConfig.load(run.eval_config_path) == cfg
+        fresh = run.eval_path("summary").stat().st_mtime >= (final / RunDir.CONFIG).stat().st_mtime
         if same and fresh:
-            return pd.read_csv(out / "summary.csv")
-    train_cfg = TrainConfig.load(run_dir / "config.yaml")
-    model = load_model(final_checkpoint(run_dir)).to(device_for(cfg.device)).eval()
-    data = build_data(train_cfg.data, progress=progress)
+            return run.eval_table("summary")
+    train_cfg = TrainConfig.load(run.config_path)
+    model = load_model(final).to(device_for(cfg.device)).eval()
+    data = build_data(train_cfg.data, progress=progress) if data is None else data
     modes = available_modes(model, cfg)
     ppl_modes = modes if "all" in cfg.perplexity_modes else [m for m in cfg.perplexity_modes if m in modes]
     probes = select_probes(data.probes, cfg.max_probes_per_relation, cfg.seed, cfg.split)
@@ -294,15 +296,15 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, progress: b
     with torch.no_grad():
         results = score_probes(model, data, probes, cfg, modes, rows)
         perplexity = heldout_perplexity(model, data, cfg, ppl_modes, probes)
-    summary = summarize(results, perplexity, run_dir.name)
+    summary = summarize(results, perplexity, run.name)
     routing = summarize_routing(routing_diagnostics(rows.routed, data.fact_paths(), probes))
-    out.mkdir(exist_ok=True)
-    (out / "eval_config.yaml").unlink(missing_ok=True)  # the tables below are being replaced
-    with atomic_path(out / "probe_results.parquet") as tmp:
+    run.eval_dir.mkdir(exist_ok=True)
+    run.eval_config_path.unlink(missing_ok=True)  # the tables below are being replaced
+    with atomic_path(run.eval_path("probes")) as tmp:
         results.to_parquet(tmp, index=False)
     for name, frame in (("perplexity", perplexity), ("summary", summary), ("routing", routing)):
-        atomic_write_text(out / f"{name}.csv", frame.to_csv(index=False))
-    cfg.save(out / "eval_config.yaml")  # written last: marks a complete evaluation
+        atomic_write_text(run.eval_path(name), frame.to_csv(index=False))
+    cfg.save(run.eval_config_path)  # written last: marks a complete evaluation
     return summary
 
 
@@ -318,7 +320,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     summary = evaluate_run(args.run_dir, cfg, progress=not args.quiet)
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 2):
         print(summary.to_string(index=False))
-    print(f"\ntables written to {Path(args.run_dir) / 'eval'}")
+    print(f"\ntables written to {RunDir(args.run_dir).eval_dir}")
     return 0
 
 
@@ -333,5 +335,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="blocked-drop/blocked-reroute: block this fraction of the nodes at blocked_level bank-wide "
                         "(best-matching first; block_choice: random in --config) instead of each probe's own subtree")
     p.add_argument("--split", default=None, choices=list(SPLITS), help="probes to score (default: eval)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_eval)

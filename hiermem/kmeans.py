@@ -8,18 +8,49 @@ paper does). See `hiermem.retriever` for the tree built from these node fits.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 
-from hiermem.routing import _PIECE, _nearest, _scorer, _sqnorms
-
-if TYPE_CHECKING:
-    from hiermem.retriever import TreeConfig
+from hiermem.configbase import Config, require
+from hiermem.routing import PIECE, nearest, scorer, sqnorms
 
 log = logging.getLogger(__name__)
 
-_BALANCE_MIN = 4       # balancing needs >= 4 points per cluster: below that the 1.5/k cap is under one point
+BALANCE_MIN = 4       # balancing needs >= 4 points per cluster: below that the 1.5/k cap is under one point
+
+
+@dataclass(frozen=True)
+class TreeConfig(Config):
+    """Hierarchical k-means settings; defaults are the paper's (k=16, depth 4, 20 x 6,400)."""
+
+    branching: int = 16
+    depth: int = 4
+    sample_size: int = 6400
+    em_steps: int = 20
+    balance_factor: float = 1.5
+    seed: int = 0
+    min_split_size: int = 0  # nodes with fewer points are not split; 0 means `branching`
+    polish_steps: int = 10   # extra whole-node balanced EM steps while a child exceeds the balance limit
+    balance_by: str = "count"  # what the balancing evens out: "count" (points) or "tokens" (build weights)
+
+    def validate(self) -> None:
+        require(self.branching >= 2, "branching", "an integer >= 2", self.branching)
+        require(self.depth >= 1, "depth", "an integer >= 1", self.depth)
+        require(self.branching ** self.depth < 2 ** 62, "depth", "branching**depth < 2**62", self.depth)
+        require(self.sample_size >= self.branching, "sample_size", f">= branching ({self.branching})",
+                self.sample_size)
+        require(self.em_steps >= 1, "em_steps", "an integer >= 1", self.em_steps)
+        require(self.balance_factor > 1.0, "balance_factor", "a number > 1", self.balance_factor)
+        require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        require(self.min_split_size >= 0, "min_split_size", "an integer >= 0", self.min_split_size)
+        require(self.polish_steps >= 0, "polish_steps", "an integer >= 0", self.polish_steps)
+        require(self.balance_by in ("count", "tokens"), "balance_by", "'count' or 'tokens'", self.balance_by)
+
+    @property
+    def min_points(self) -> int:
+        """Fewest points a node needs to be split."""
+        return max(self.branching, self.min_split_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,7 +120,7 @@ def _onehot_sums(a: np.ndarray, xb: np.ndarray, k: int) -> np.ndarray:
     return (a[None, :] == np.arange(k)[:, None]).astype(np.float32) @ xb
 
 
-def _fit_node(x: np.ndarray, idx: np.ndarray, cfg: TreeConfig, rng: np.random.Generator,
+def fit_node(x: np.ndarray, idx: np.ndarray, cfg: TreeConfig, rng: np.random.Generator,
               weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
     """Split the node holding rows `idx` of the unit vectors `x`.
 
@@ -98,7 +129,7 @@ def _fit_node(x: np.ndarray, idx: np.ndarray, cfg: TreeConfig, rng: np.random.Ge
     """
     k, m = cfg.branching, len(idx)
     wn = None if weights is None else np.asarray(weights, dtype=np.float64)[idx]
-    balance = m >= _BALANCE_MIN * k
+    balance = m >= BALANCE_MIN * k
     full = m <= cfg.sample_size
     ws = wn
     if full:  # the whole node fits in one sample: every EM step sees all points
@@ -121,7 +152,7 @@ def _fit_node(x: np.ndarray, idx: np.ndarray, cfg: TreeConfig, rng: np.random.Ge
     for step in range(cfg.em_steps):
         if not full and step > 0:
             xs, ws = next_sample()
-        a = _nearest(xs, _scorer(c), _sqnorms(c))
+        a = nearest(xs, scorer(c), sqnorms(c))
         if balance and _over_limit(a, k, cfg.balance_factor, ws):
             a = _balance(a, k, cfg.balance_factor, rng, ws)
         if full and prev is not None:
@@ -148,17 +179,17 @@ def _fit_node(x: np.ndarray, idx: np.ndarray, cfg: TreeConfig, rng: np.random.Ge
     limit = cfg.balance_factor * total / k
     best = None
     for it in range(cfg.polish_steps + 1):
-        ct, cn = _scorer(c), _sqnorms(c)
+        ct, cn = scorer(c), sqnorms(c)
         if full:
-            a = _nearest(xs, ct, cn)
+            a = nearest(xs, ct, cn)
             sums = _onehot_sums(a, xs, k)
         else:
             a = np.empty(m, dtype=np.int64)
             sums = np.zeros((k, x.shape[1]), dtype=np.float32)
-            for lo in range(0, m, _PIECE):
-                xb = np.take(x, idx[lo:lo + _PIECE], axis=0, mode="clip")
-                a[lo:lo + _PIECE] = _nearest(xb, ct, cn)
-                sums += _onehot_sums(a[lo:lo + _PIECE], xb, k)
+            for lo in range(0, m, PIECE):
+                xb = np.take(x, idx[lo:lo + PIECE], axis=0, mode="clip")
+                a[lo:lo + PIECE] = nearest(xb, ct, cn)
+                sums += _onehot_sums(a[lo:lo + PIECE], xb, k)
         counts = np.bincount(a, weights=wn, minlength=k)
         if it:
             log.debug("polish step %d: largest child %.4f of %d points", it, counts.max() / total, m)

@@ -1,4 +1,4 @@
-"""Hierarchical memory bank and the memory types (FFN / LoRA / KV).
+"""Hierarchical memory bank: storage, initialization, blocking, the read rule and the fetch.
 
 A tree with branching k and depth p has k^l nodes at level l (1-based, as in the paper). Every node
 owns one memory block. A sequence with cluster path (i1, ..., ip) fetches the block of each node on
@@ -10,21 +10,18 @@ its root-to-leaf path; the node at level l has the flat, row-major index
 
 Storage. Level l is one parameter of shape (k^l, block_numel_l): one row per block, so a fetch is a
 row gather and a sparse optimizer touches whole rows. A row holds, for each memory layer in order,
-each of the type's tensors as an (r_l, width) matrix ("unit-major"). Blocks of different levels are
-concatenated along the unit axis, which for every type is just a bigger memory:
-
-    ffn       gate (r, d), up (r, d), down (r, d)        extra SwiGLU hidden units
-    lora-ffn  A/B for gate, up, down (B stored as B^T)  W + alpha * B A on every SwiGLU linear
-    lora-qk   A/B for the query and key projections
-    lora-vo   A/B for the value and output projections
-    kv        key (r, h*dh), value (r, h*dh)            r extra key/value vectors, no mask, no positions
-
-All types have zero effect at initialization (FFN down = 0, LoRA B = 0, KV values = 0), so the
-anchor's outputs are unchanged at step 0.
+each of the kind's tensors as an (r_l, width) matrix ("unit-major"). Blocks of different levels are
+concatenated along the unit axis, which for every kind is just a bigger memory. What a kind stores
+and how it enters the anchor is its `MemoryKind` object (`hiermem.memory_kinds`, looked up by
+`MemoryConfig.type`); this module never branches on the type.
 
 A *generic* block (context-independent, the size of one fetch) can stand in for the fetched memory
 of any sequence. *Blocked* nodes (or whole subtrees) contribute nothing: their rows are zeroed in
 the fetch, which also stops their gradients, and KV keys of blocked units are masked out.
+
+Which rows a batch really reads -- on its paths, not blocked bank-wide or for the sequence, not
+replaced by the generic block -- is `MemoryBank.read_mask`, the one rule used by the fetch and by the
+sparse optimizer (`hiermem.optim`) alike.
 """
 
 from __future__ import annotations
@@ -35,42 +32,10 @@ from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from hiermem.config import MemoryConfig, ModelConfig
 from hiermem.configbase import require
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    width: int
-    init: str  # "normal" (truncated normal), "zeros", "kaiming" (LoRA A)
-
-
-def memory_tensor_specs(model: ModelConfig, memory_type: str) -> tuple[TensorSpec, ...]:
-    """The per-unit tensors of one memory layer for a memory type (each is (r, width))."""
-    d, f, a = model.d_model, model.ffn_dim, model.attn_dim
-    if memory_type == "ffn":
-        return (TensorSpec("gate", d, "normal"), TensorSpec("up", d, "normal"), TensorSpec("down", d, "zeros"))
-    if memory_type == "lora-ffn":
-        return (TensorSpec("gate_a", d, "kaiming"), TensorSpec("gate_b", f, "zeros"),
-                TensorSpec("up_a", d, "kaiming"), TensorSpec("up_b", f, "zeros"),
-                TensorSpec("down_a", f, "kaiming"), TensorSpec("down_b", d, "zeros"))
-    if memory_type == "lora-qk":
-        return (TensorSpec("q_a", d, "kaiming"), TensorSpec("q_b", a, "zeros"),
-                TensorSpec("k_a", d, "kaiming"), TensorSpec("k_b", a, "zeros"))
-    if memory_type == "lora-vo":
-        return (TensorSpec("v_a", d, "kaiming"), TensorSpec("v_b", a, "zeros"),
-                TensorSpec("o_a", a, "kaiming"), TensorSpec("o_b", d, "zeros"))
-    if memory_type == "kv":
-        return (TensorSpec("key", a, "normal"), TensorSpec("value", a, "zeros"))
-    raise ValueError(f"invalid config field 'type': unknown memory type {memory_type!r}")
-
-
-def unit_width(model: ModelConfig, memory_type: str) -> int:
-    """Parameters per unit per memory layer (the paper's c0 is this times the number of layers)."""
-    return sum(s.width for s in memory_tensor_specs(model, memory_type))
+from hiermem.memory_kinds import MemoryKind, get_kind
 
 
 def node_indices(paths: torch.Tensor, branching: int, depth: int) -> torch.Tensor:
@@ -105,6 +70,11 @@ class FetchedMemory:
     memory_type: str
     lora_alpha: float
 
+    @property
+    def kind(self) -> MemoryKind:
+        """The memory kind, whose hooks the anchor calls in every memory layer."""
+        return get_kind(self.memory_type)
+
     def for_layer(self, layer: int) -> dict[str, torch.Tensor] | None:
         slot = self.layer_slot.get(layer)
         if slot is None:
@@ -122,7 +92,8 @@ class MemoryBank(nn.Module):
         super().__init__()
         require(cfg.enabled, "multipliers", "at least one level with r > 0 to build a bank", cfg.multipliers)
         self.model_cfg, self.cfg = model_cfg, cfg
-        self.specs = memory_tensor_specs(model_cfg, cfg.type)
+        self.kind = get_kind(cfg.type)
+        self.specs = self.kind.specs(model_cfg)
         self.memory_layers = cfg.memory_layers(model_cfg.n_layers)
         self.units = cfg.units_per_layer(model_cfg.n_layers)
         width = sum(s.width for s in self.specs)
@@ -206,6 +177,23 @@ class MemoryBank(nn.Module):
                              f"got values in [{int(p.min())}, {int(p.max())}]")
         return node_indices(p, self.cfg.branching, self.cfg.depth)
 
+    def read_mask(self, nodes: torch.Tensor, use_generic: torch.Tensor | None = None,
+                  blocked: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, depth) bool: True where sequence b really reads its level-l block from the bank.
+
+        nodes: (B, depth) flat node indices (`node_indices(paths)`). A block is not read when its node
+        is blocked bank-wide (`block`), when `blocked[b, l]` (extra per-sequence blocking) or when
+        `use_generic[b]` (the generic block stands in). The fetch reads exactly these rows and the
+        sparse optimizer (`SparseBankAdamW.gather`) updates exactly these rows.
+        """
+        read = torch.stack([~getattr(self, f"blocked_{level}")[nodes[:, level]] for level in range(self.cfg.depth)],
+                           dim=1)
+        if blocked is not None:
+            read &= ~blocked[:, : self.cfg.depth].to(device=read.device, dtype=torch.bool)
+        if use_generic is not None:
+            read &= ~use_generic.to(device=read.device, dtype=torch.bool)[:, None]
+        return read
+
     def fetch(self, paths: torch.Tensor, use_generic: torch.Tensor | None = None,
               blocked: torch.Tensor | None = None, active: dict[int, ActiveRows] | None = None) -> FetchedMemory:
         """Gather each sequence's blocks and concatenate them along the unit axis.
@@ -214,12 +202,14 @@ class MemoryBank(nn.Module):
         blocked: (B, depth) bool, extra per-sequence blocking on top of the bank's blocked nodes.
         active: per level, the rows touched this step as leaf tensors (sparse training); when None
         the rows are gathered from the level parameters (gradients then land in `levels[l].grad`).
+        The rows read from the bank are those of `read_mask`; the others contribute nothing.
         """
         nodes = self.node_indices(paths)
         batch = nodes.shape[0]
         if use_generic is not None:
             require(self.cfg.generic, "generic", "true to use the generic block", self.cfg.generic)
             use_generic = use_generic.to(torch.bool).to(nodes.device)
+        read_mask = self.read_mask(nodes, use_generic, blocked)
         parts: dict[str, list[torch.Tensor]] = {s.name: [] for s in self.specs}
         mask_parts, any_blocked = [], False
         n_layers = len(self.memory_layers)
@@ -227,17 +217,15 @@ class MemoryBank(nn.Module):
             if r == 0:
                 continue
             node = nodes[:, level].contiguous()
-            keep = ~getattr(self, f"blocked_{level}")[node]
-            if blocked is not None:
-                keep = keep & ~blocked[:, level].to(keep.device)
-            fetched = keep if use_generic is None else keep & ~use_generic  # rows really read
+            fetched = read_mask[:, level]  # rows really read from the bank
+            keep = fetched if use_generic is None else fetched | use_generic  # the generic block is never blocked
             if active is not None and level in active:
                 table, ids = active[level].rows, active[level].ids
                 if len(ids):
                     pos = torch.searchsorted(ids, node).clamp(max=len(ids) - 1)
                     found = ids[pos] == node
                 else:
-                    pos, found = torch.zeros_like(node), torch.zeros_like(keep)
+                    pos, found = torch.zeros_like(node), torch.zeros_like(fetched)
                 require(bool(found[fetched].all()), "active rows", "every fetched node of the batch",
                         node[fetched & ~found].tolist())
                 if not len(ids):
@@ -247,7 +235,6 @@ class MemoryBank(nn.Module):
             if use_generic is not None and bool(use_generic.any()):
                 table = torch.cat([table, self.generic[level]], dim=0)
                 pos = torch.where(use_generic, torch.full_like(pos, table.shape[0] - 1), pos)
-                keep = keep | use_generic  # the generic block is never blocked
             rows = table[pos]  # (B, numel)
             if not bool(keep.all()):
                 any_blocked = True
@@ -275,60 +262,3 @@ def _unflatten(node: int, branching: int, length: int) -> list[int]:
         out.append(node % branching)
         node //= branching
     return out[::-1]
-
-
-# --------------------------------------------------------------------------------- forward pieces
-# Memory acts token by token with its row's weights, so rows that share a memory may come as a group:
-# x with B*g rows against memories of B rows means rows i*g .. i*g+g-1 use memory i (scoring many
-# candidate answers of one prompt without copying its memory g times).
-def _grouped(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-    if x.shape[0] == rows:
-        return x, tuple(x.shape)
-    if x.shape[0] % rows:
-        raise ValueError(f"{x.shape[0]} rows cannot share {rows} fetched memories")
-    return x.reshape(rows, -1, x.shape[-1]), tuple(x.shape)
-
-
-def ffn_memory(x: torch.Tensor, mem: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Extra SwiGLU units: down^T [silu(gate x) * (up x)] with per-sequence weights (gather + bmm).
-
-    x: (B, T, d) (or (B*g, T, d): see above); gate/up/down: (B, R, d). Equal to widening the anchor's
-    FFN by R hidden units.
-    """
-    x, shape = _grouped(x, mem["gate"].shape[0])
-    hidden = F.silu(torch.bmm(x, mem["gate"].transpose(1, 2))) * torch.bmm(x, mem["up"].transpose(1, 2))
-    return torch.bmm(hidden, mem["down"]).reshape(shape[:-1] + (mem["down"].shape[-1],))
-
-
-def lora_delta(x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor, alpha: float) -> torch.Tensor:
-    """alpha * B A x with per-sequence A (B, R, in) and B^T (B, R, out); x: (B, T, in) (or grouped rows)."""
-    x, shape = _grouped(x, a.shape[0])
-    return (alpha * torch.bmm(torch.bmm(x, a.transpose(1, 2)), b_t)).reshape(shape[:-1] + (b_t.shape[-1],))
-
-
-def kv_memory_attention(q: torch.Tensor, mem: dict[str, torch.Tensor], unit_mask: torch.Tensor | None,
-                        n_heads: int, head_dim: int) -> torch.Tensor:
-    """Queries (B, h, T, dh) attend to the fetched key/value vectors (no causal mask, no positions).
-
-    Returns (B, h, T, dh), added to the self-attention output. Blocked units are masked out; a
-    sequence whose units are all blocked gets zero.
-    """
-    batch, units = mem["key"].shape[:2]
-    shape = q.shape
-    if shape[0] != batch:  # grouped rows (see above): (B*g, h, T, dh) -> (B, h, g*T, dh)
-        if shape[0] % batch:
-            raise ValueError(f"{shape[0]} rows cannot share {batch} fetched memories")
-        q = q.reshape(batch, shape[0] // batch, n_heads, shape[2], head_dim).transpose(1, 2).reshape(
-            batch, n_heads, -1, head_dim)
-    keys = mem["key"].view(batch, units, n_heads, head_dim).transpose(1, 2)
-    values = mem["value"].view(batch, units, n_heads, head_dim).transpose(1, 2)
-    if unit_mask is None:
-        out = F.scaled_dot_product_attention(q, keys, values)
-    else:
-        attn_mask = unit_mask[:, None, None, :].expand(batch, 1, q.shape[2], units)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask)
-        any_unit = unit_mask.any(dim=1)
-        out = torch.where(any_unit[:, None, None, None], torch.nan_to_num(out), torch.zeros_like(out))
-    if shape[0] != batch:
-        out = out.reshape(batch, n_heads, shape[0] // batch, shape[2], head_dim).transpose(1, 2).reshape(shape)
-    return out

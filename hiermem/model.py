@@ -11,8 +11,10 @@ Architecture choices (OpenLM, as used by the paper; paper-notes §4):
   `scaled_dot_product_attention`; padding has segment id -1;
 - optional tied input/output embeddings.
 
-Memories (see `hiermem.memory`) enter per layer: FFN-memories add hidden units to the SwiGLU, LoRA
-memories add low-rank deltas to projections, KV-memories add attention over learned key/values.
+Memories (see `hiermem.memory`) enter per memory layer through the hooks of their kind
+(`hiermem.memory_kinds`): FFN-memories add hidden units to the SwiGLU, LoRA memories add low-rank
+deltas to projections, KV-memories add attention over learned key/values. The model never branches
+on the memory type; it calls every hook, and a kind leaves alone what it does not change.
 
 Accounting (parameters by group, FLOPs per token, bytes fetched) lives in `hiermem.accounting` and is
 exposed here as methods; `num_params()` counts real tensors and the tests assert both agree.
@@ -25,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hiermem.config import MemoryConfig, ModelConfig
-from hiermem.data.packing import document_attention_mask
-from hiermem.memory import ActiveRows, FetchedMemory, MemoryBank, ffn_memory, kv_memory_attention, lora_delta
+from hiermem.masks import continuation_attention_mask, document_attention_mask
+from hiermem.memory import ActiveRows, FetchedMemory, MemoryBank
 
 
 def _layer_norm(dim: int, eps: float) -> nn.LayerNorm:
@@ -66,13 +68,9 @@ class Attention(nn.Module):
                 cache: dict | None = None, offset: int = 0) -> torch.Tensor:
         batch, t, _ = x.shape
         q, k, v = self.wqkv(x).chunk(3, dim=-1)
-        if mem is not None:
-            alpha = fetched.lora_alpha
-            if "q_a" in mem:
-                q = q + lora_delta(x, mem["q_a"], mem["q_b"], alpha)
-                k = k + lora_delta(x, mem["k_a"], mem["k_b"], alpha)
-            if "v_a" in mem:
-                v = v + lora_delta(x, mem["v_a"], mem["v_b"], alpha)
+        kind = fetched.kind if mem is not None else None
+        if kind is not None:
+            q, k, v = kind.project_qkv(x, q, k, v, mem, fetched.lora_alpha)
         q, k = self.q_norm(q), self.k_norm(k)
         shape = (batch, t, self.n_heads, self.head_dim)
         q, k, v = (z.view(shape).transpose(1, 2) for z in (q, k, v))
@@ -85,13 +83,15 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q_rot, k_rot, v, is_causal=True)
         else:
             out = F.scaled_dot_product_attention(q_rot, k_rot, v, attn_mask=attn_mask)
-        if mem is not None and "key" in mem:
+        if kind is not None:
             # memory keys carry no position, so the queries meet them without rotation
-            out = out + kv_memory_attention(q, mem, fetched.unit_mask, self.n_heads, self.head_dim)
+            extra = kind.attend(q, mem, fetched.unit_mask, self.n_heads, self.head_dim)
+            if extra is not None:
+                out = out + extra
         out = out.transpose(1, 2).reshape(batch, t, -1)
         y = self.wo(out)
-        if mem is not None and "o_a" in mem:
-            y = y + lora_delta(out, mem["o_a"], mem["o_b"], fetched.lora_alpha)
+        if kind is not None:
+            y = kind.project_out(out, y, mem, fetched.lora_alpha)
         return y
 
 
@@ -102,18 +102,16 @@ class SwiGLU(nn.Module):
         self.w12 = nn.Linear(cfg.d_model, 2 * cfg.ffn_dim, bias=False)  # [gate (W1); up (W2)]
         self.w3 = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)       # down
 
-    def forward(self, x: torch.Tensor, mem: dict[str, torch.Tensor] | None, alpha: float = 0.0) -> torch.Tensor:
-        if mem is not None and "gate_a" in mem:
-            gate_up = self.w12(x) + torch.cat([lora_delta(x, mem["gate_a"], mem["gate_b"], alpha),
-                                                lora_delta(x, mem["up_a"], mem["up_b"], alpha)], dim=-1)
-            gate, up = gate_up.split(self.ffn_dim, dim=-1)
-            hidden = F.silu(gate) * up
-            return self.w3(hidden) + lora_delta(hidden, mem["down_a"], mem["down_b"], alpha)
+    def plain(self, x: torch.Tensor) -> torch.Tensor:
+        """The anchor's own SwiGLU, without memory."""
         gate, up = self.w12(x).split(self.ffn_dim, dim=-1)
-        y = self.w3(F.silu(gate) * up)
-        if mem is not None and "gate" in mem:
-            y = y + ffn_memory(x, mem)
-        return y
+        return self.w3(F.silu(gate) * up)
+
+    def forward(self, x: torch.Tensor, mem: dict[str, torch.Tensor] | None = None,
+                fetched: FetchedMemory | None = None) -> torch.Tensor:
+        if mem is None:
+            return self.plain(x)
+        return fetched.kind.ffn(self, x, mem, fetched.lora_alpha)
 
 
 class Block(nn.Module):
@@ -126,8 +124,7 @@ class Block(nn.Module):
 
     def forward(self, x, rotary, attn_mask, mem, fetched, cache=None, offset=0):
         x = x + self.attn(self.attn_norm(x), rotary, attn_mask, mem, fetched, cache, offset)
-        alpha = fetched.lora_alpha if fetched is not None else 0.0
-        return x + self.ffn(self.ffn_norm(x), mem, alpha)
+        return x + self.ffn(self.ffn_norm(x), mem, fetched)
 
 
 class KVCache:
@@ -184,12 +181,8 @@ class Transformer(nn.Module):
         if cache is not None and cache.length:
             offset = cache.length
             new_segments = cache.segments[:, -1:].expand(-1, tokens.shape[1])  # continue each row's document
-            keys = torch.cat([cache.segments, new_segments], dim=1)
-            attn_mask = (keys[:, None, :] == new_segments[:, :, None])
-            attn_mask &= torch.ones(tokens.shape[1], keys.shape[1], dtype=torch.bool,
-                                    device=tokens.device).tril(diagonal=offset)
-            attn_mask = attn_mask[:, None]
-            cache.segments = keys
+            attn_mask = continuation_attention_mask(cache.segments, new_segments)[:, None]
+            cache.segments = torch.cat([cache.segments, new_segments], dim=1)
         else:
             if cache is not None:
                 cache.segments = segment_ids if segment_ids is not None else torch.zeros_like(tokens)

@@ -2,8 +2,10 @@
 
 The notebooks in `notebooks/` are committed without outputs. Each is a short sequence of one-line
 calls into `hiermem` and `analysis`, with one cell tagged `parameters` that sets at least `scale`
-("smoke" runs end to end on a laptop CPU in a couple of minutes; "small" is the real study) and
-`out_dir` (where its tables and figures go, each figure as PNG + the CSV it plots).
+(a name of `hiermem.scales`: "smoke" runs end to end on a CPU in minutes, "small" is the CPU study on
+`make demo`'s runs and the shipped sweeps) and `out_dir` (where its tables and figures go, each figure
+as PNG + the CSV it plots). A fresh clone runs every notebook at smoke scale with nothing but the
+repository and its installed packages.
 
     run_notebook("chinchilla_check")          # -> results/notebooks/chinchilla_check.ipynb (executed)
     run_all(scale="small")                    # every notebook
@@ -13,11 +15,13 @@ notebook with the repository root as working directory (so the notebooks' relati
 `data` and `analysis/reference/...` resolve the same way from anywhere), writes the executed copy beside
 that folder, and records parameters, timing and git SHA in <out>/<name>/run.json. A failing cell
 raises `NotebookError` naming the cell; the executed copy with the traceback is still written.
+`run_all` goes on after a failing notebook and returns every outcome (`fail_fast=True` stops at the
+first failure).
 
 Command line (`hiermem notebooks ...`):
 
     list                                          names, titles and parameters
-    run [NAME ...] [--scale smoke|small] [--out DIR] [-p key=value ...]
+    run [NAME ...] [--scale smoke|small] [--out DIR] [-p key=value ...] [--fail-fast]
     strip                                         remove outputs from notebooks/*.ipynb (before committing)
     check                                         fail if a committed notebook has outputs or no parameters cell
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
@@ -36,20 +41,25 @@ import yaml
 
 from hiermem.io import atomic_path, atomic_write_json, atomic_write_text
 from hiermem.provenance import git_sha
+from hiermem.scales import accepted, check
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
-SCALES = ("smoke", "small")
+SCALES = accepted("notebooks")  # smoke, small (hiermem.scales); the demo's scales of the same names
 KERNEL_NAME = "python3"  # the ipykernel of the running environment (jupyter_client maps `python` to sys.executable)
 REQUIRED_PARAMETERS = ("scale", "out_dir")
-DEMO_SCALES = {"smoke": "smoke", "small": "default"}  # notebook scale -> hiermem.demo scale
 
 
 T = TypeVar("T")
 
 
 class NotebookError(RuntimeError):
-    """A notebook cell failed; the message names the notebook, the cell and the executed copy."""
+    """A notebook failed; the one-line message names the notebook, the cell and the executed copy."""
+
+
+def _one_line(text: object, width: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 # ------------------------------------------------------------------------------------ discovery
@@ -109,8 +119,7 @@ def run_notebook(name: str, out_dir: str | Path = "results/notebooks", parameter
     """
     import papermill
 
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {list(SCALES)}, got {scale!r}")
+    check(scale, "notebooks")
     source = notebook_path(name, directory)
     name = source.stem
     out = Path(out_dir).resolve()
@@ -123,7 +132,7 @@ def run_notebook(name: str, out_dir: str | Path = "results/notebooks", parameter
                                    cwd=str(REPO_ROOT), progress_bar=False, log_output=log_output,
                                    execution_timeout=timeout)
     except papermill.PapermillExecutionError as e:
-        raise NotebookError(f"notebook {name!r} failed in cell {e.exec_count} ({e.ename}: {e.evalue}); "
+        raise NotebookError(f"notebook {name!r} failed in cell {e.exec_count} ({e.ename}: {_one_line(e.evalue)}); "
                             f"the executed copy with the traceback is {executed}") from e
     seconds = time.perf_counter() - tic
     atomic_write_json(Path(params["out_dir"]) / "run.json",
@@ -134,23 +143,31 @@ def run_notebook(name: str, out_dir: str | Path = "results/notebooks", parameter
 
 def run_all(names: Iterable[str] | None = None, out_dir: str | Path = "results/notebooks",
             parameters: Mapping[str, Any] | None = None, scale: str = "smoke", directory: str | Path = NOTEBOOK_DIR,
-            keep_going: bool = False, log_output: bool = False) -> dict[str, Path | NotebookError]:
-    """Run several notebooks (default: all) in name order; returns name -> executed copy.
+            fail_fast: bool = False, log_output: bool = False) -> dict[str, Path | NotebookError]:
+    """Run several notebooks (default: all) in name order; returns name -> executed copy, or the
+    `NotebookError` of a notebook that failed.
 
-    With `keep_going`, a failing notebook is recorded (its NotebookError as the value) and the rest
-    still run; otherwise the first failure raises.
+    A failing notebook (a cell that raises, a dead kernel, a timeout) is recorded and the rest still
+    run; with `fail_fast` the first failure raises instead. Unknown names and scales are refused
+    before anything runs.
     """
+    check(scale, "notebooks")
+    names = [notebook_path(n, directory).stem for n in names] if names is not None else list_notebooks(directory)
     out: dict[str, Path | NotebookError] = {}
-    for name in list(names) if names is not None else list_notebooks(directory):
+    for name in names:
         started = time.perf_counter()
         print(f"[notebooks] {name} (scale={scale}) ...", flush=True)
         try:
             out[name] = run_notebook(name, out_dir, parameters, scale, directory, log_output)
-        except NotebookError as e:
-            if not keep_going:
-                raise
-            out[name] = e
-            print(f"[notebooks] {name} FAILED: {e}", flush=True)
+        except Exception as e:  # noqa: BLE001 - one notebook's failure must not stop the others
+            error = e if isinstance(e, NotebookError) else NotebookError(
+                f"notebook {name!r} failed ({type(e).__name__}: {_one_line(e)})")
+            if fail_fast:
+                if error is e:
+                    raise
+                raise error from e
+            out[name] = error
+            print(f"[notebooks] {name} FAILED: {error}", flush=True)
             continue
         print(f"[notebooks] {name}: {time.perf_counter() - started:.0f} s -> {out[name]}", flush=True)
     return out
@@ -192,13 +209,13 @@ def ensure_demo(scale: str = "smoke", data_root: str = "data", runs_dir: str | P
     expensive part), writing its summary table to RUNS_DIR/summary.csv.
     """
     from hiermem.demo import SCALES, run_demo
-    from hiermem.train import is_finished
+    from hiermem.rundir import RunDir
 
-    cfg = SCALES[DEMO_SCALES[scale]]
+    cfg = SCALES[check(scale, "demo")]
     cfg = cfg.replace(data=cfg.data.replace(root=data_root))
     runs = Path(runs_dir)
     dirs = {name: runs / name for name in cfg.runs}
-    if all(is_finished(d) and (d / "eval" / "probe_results.parquet").is_file() for d in dirs.values()):
+    if all(RunDir(d).is_finished and RunDir(d).is_evaluated for d in dirs.values()):
         print(f"reusing the finished and evaluated demo runs in {runs}")
     else:
         run_demo(cfg, str(runs), str(runs), progress=False)
@@ -223,9 +240,9 @@ def sweep_spec(spec: str | Path, data_root: str | None = None, **fields: Any):
 def scaling_rows(results: pd.DataFrame, memory_mode: str = "fetched", dense_mode: str = "none") -> pd.DataFrame:
     """One row per finished run of a sweep results table (`hiermem.sweep.load_results`), as the
     scaling fits expect: memory runs scored with `memory_mode`, dense runs (no fetched parameters)
-    with `dense_mode`; `kind` says which. `total_tokens` adds, for a run initialised from another
-    run of the table (a memory run on its pretrained anchor), that run's tokens: the data the model
-    has seen, which is what a dense model of equal training data is compared at.
+    with `dense_mode`; `kind` says which. `total_tokens` (recorded by each run: its tokens plus those
+    of the run it was initialised from, `parent_run_id`) is the data the model has seen, which is what
+    a dense model of equal training data is compared at.
     """
     ok = results[results["status"] == "ok"]
     memory = ok["fetched_params"].fillna(0) > 0
@@ -233,15 +250,9 @@ def scaling_rows(results: pd.DataFrame, memory_mode: str = "fetched", dense_mode
     if rows.empty:
         raise ValueError(f"no finished run has the mode {memory_mode!r} (memory) or {dense_mode!r} (dense)")
     rows["kind"] = (rows["fetched_params"].fillna(0) > 0).map({True: "memory", False: "dense"})
-    # run directories are <role>-<run_id>, so init_from names its run by the text after the last '-'
-    tokens_of = ok.drop_duplicates("run_id").set_index("run_id")["tokens"]
-    parents = rows.get("cfg.init_from", pd.Series("", index=rows.index)).fillna("").map(
-        lambda p: Path(p).name.rsplit("-", 1)[-1] if p else "")
-    missing = sorted(set(parents[(parents != "") & ~parents.isin(tokens_of.index)]))
-    if missing:
-        raise ValueError(f"runs were initialised from runs missing in the table (run ids {missing}); "
-                         "load the whole sweep")
-    rows["total_tokens"] = rows["tokens"] + parents.map(tokens_of).fillna(0).astype(rows["tokens"].dtype)
+    if "total_tokens" not in rows.columns or rows["total_tokens"].isna().any():
+        raise ValueError("the results table lacks total_tokens for some runs (recorded since runs name their "
+                         "parent run); re-run `hiermem sweep run` on the sweep to refresh its records")
     return rows.reset_index(drop=True)
 
 
@@ -335,12 +346,18 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     try:
         results = run_all(args.names or None, args.out, _parse_parameters(args.param), args.scale,
-                          keep_going=args.keep_going, log_output=args.log_output)
+                          directory=NOTEBOOK_DIR, fail_fast=args.fail_fast, log_output=args.log_output)
     except NotebookError as e:
-        print(f"hiermem notebooks run: {e}")
+        print(f"hiermem notebooks run: stopped (--fail-fast): {e}", file=sys.stderr)
         return 1
-    failed = [n for n, r in results.items() if isinstance(r, NotebookError)]
-    return 1 if failed else 0
+    failed = {n: r for n, r in results.items() if isinstance(r, NotebookError)}
+    if failed:
+        print(f"hiermem notebooks run: {len(failed)} of {len(results)} notebooks failed:", file=sys.stderr)
+        for name, error in failed.items():
+            print(f"  {name}: {_one_line(error, 1000)}", file=sys.stderr)
+        return 1
+    print(f"[notebooks] all {len(results)} notebooks ran (scale={args.scale}) -> {args.out}", flush=True)
+    return 0
 
 
 def _cmd_strip(args: argparse.Namespace) -> int:
@@ -355,18 +372,38 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+CLI_DESCRIPTION = """\
+Execute the analysis notebooks in notebooks/ with papermill; strip and check them before committing.
+
+Each notebook has a `parameters` cell setting at least `scale` and `out_dir`; `run` injects them (and
+any -p KEY=VALUE), executes the notebook from the repository root and writes the executed copy to
+OUT/NAME.ipynb, its tables and figures (PNG + the CSV each plots) and run.json to OUT/NAME/.
+`run` goes on after a failing notebook and ends with a list of every failure (exit status 1);
+--fail-fast stops at the first. A fresh clone runs every notebook at smoke scale with no other files.
+
+    hiermem notebooks list                                 names, titles and parameters
+    hiermem notebooks run [NAME ...] [--scale smoke|small] [--out DIR] [-p KEY=VALUE ...] [--fail-fast]
+    hiermem notebooks strip                                remove outputs from notebooks/*.ipynb
+    hiermem notebooks check                                fail if a notebook has outputs or no parameters cell
+"""
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("notebooks", help="execute the analysis notebooks with papermill; strip and check them",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=CLI_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     nsub = p.add_subparsers(dest="notebooks_command", metavar="ACTION", required=True)
     nsub.add_parser("list", help="names, titles and parameters").set_defaults(func=_cmd_list)
     run = nsub.add_parser("run", help="execute notebooks (default: all) into --out")
     run.add_argument("names", nargs="*", metavar="NAME", help="notebook names (default: every notebook)")
-    run.add_argument("--scale", default="smoke", choices=SCALES, help="smoke (minutes on a CPU) or small")
-    run.add_argument("--out", default="results/notebooks", help="executed copies and per-notebook outputs")
+    run.add_argument("--scale", default="smoke", choices=SCALES,
+                     help="smoke (default): minutes on a CPU; small: the CPU study (make demo's runs, the "
+                          "shipped sweeps)")
+    run.add_argument("--out", default="results/notebooks",
+                     help="executed copies and per-notebook outputs (default: results/notebooks)")
     run.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                      help="extra notebook parameter (repeatable), e.g. -p bootstrap=50")
-    run.add_argument("--keep-going", action="store_true", help="run the remaining notebooks after a failure")
+    run.add_argument("--fail-fast", action="store_true",
+                     help="stop at the first failing notebook (default: run them all, then list the failures)")
     run.add_argument("--log-output", action="store_true", help="stream cell output while running")
     run.set_defaults(func=_cmd_run)
     nsub.add_parser("strip", help="remove outputs from notebooks/*.ipynb").set_defaults(func=_cmd_strip)

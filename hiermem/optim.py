@@ -1,29 +1,40 @@
-"""Sparse AdamW for the memory bank: only the blocks fetched in a step are read, updated and given state.
+"""Sparse AdamW for the memory bank: only the blocks a step reads are updated and given state.
 
-Per step:
-    active = opt.gather(model.bank, paths, use_generic, blocked)   # touched rows as small leaf tensors
-    loss = model(..., active=active) ; loss.backward()
-    opt.step(active, lr)                                            # AdamW on those rows, written back
+`SparseBankAdamW(bank, lr, betas, eps, weight_decay, semantics)` is bound to one `MemoryBank`. Per step:
 
-Optimizer state lives per block and is allocated lazily, the first time a block is fetched, so an
+    active = opt.gather(paths, use_generic, blocked)  # {level: ActiveRows}: the rows read, as leaf tensors
+    loss = loss_fn(model(tokens, segment_ids, paths=paths, use_generic=use_generic, blocked=blocked,
+                         active=active))
+    loss.backward()                                   # gradients land in active[level].rows.grad
+    opt.step(active, lr)                              # AdamW on those rows, written back into the bank
+
+The rows gathered, and so updated, are exactly those `MemoryBank.read_mask` marks: on the batch's
+paths, not blocked, not replaced by the generic block (the generic block itself is an ordinary
+parameter, trained by a dense optimizer; see `hiermem.stepper`).
+
+Optimizer state lives per block and is allocated lazily, the first time a block is read, so an
 untouched block costs nothing (one dictionary entry per touched block, rows of state in a growable
-table). The cost of a step is proportional to the blocks fetched, not to the bank size.
+table). The cost of a step is proportional to the blocks read, not to the bank size.
 
-Two semantics (`semantics=`, `OptimConfig.bank_semantics`):
+Two semantics (`semantics=`, `OptimConfig.bank_semantics`; `SEMANTICS` lists them):
 
     lazy   a block's AdamW step counter (and so its bias correction) advances only on the steps where
-           that block is fetched, and weight decay is applied only then: the update is
+           that block is read, and weight decay is applied only then: the update is
            `torch.optim.AdamW`'s as if that optimizer had seen only those steps' gradients.
-    dense  exactly `torch.optim.AdamW` over the whole bank, where a block that is not fetched in a step
+    dense  exactly `torch.optim.AdamW` over the whole bank, where a block that is not read in a step
            has a zero gradient: its moments decay, its momentum keeps moving it and weight decay
-           applies. Computed lazily all the same: when a block is fetched again, the steps it skipped
-           are replayed with zero gradients (their learning rates are kept) before the forward reads
-           it, and `finalize()` brings every block up to date at the end of training. A rarely
-           fetched block moves further per fetch than under `lazy` (its momentum is not frozen).
+           applies. Computed lazily all the same: when a block is on a batch's paths again, the steps
+           it skipped are replayed with zero gradients (their learning rates are kept) in `gather`,
+           before the forward reads it, and `finalize()` brings every block up to date at the end of
+           training. A rarely read block moves further per read than under `lazy`.
 
 Both are tested against `torch.optim.AdamW` in tests/test_optim.py (the touched rows for `lazy`; the
-whole bank, step for step, for `dense`). On the steps where a block is used the update is computed by
-torch's own fused AdamW run on views of the touched rows.
+whole bank, step for step, for `dense`). On the steps where a block is read the update is torch's
+own fused AdamW run on views of the touched rows.
+
+Also: `state_dict()` / `load_state_dict()` (resume exactly, replay bookkeeping included),
+`updates` (per level, the number of steps that updated each block), `touched_blocks()` (blocks with
+state per level) and `state_bytes()` (memory held by the moments).
 """
 
 from __future__ import annotations
@@ -173,18 +184,16 @@ class SparseBankAdamW:
 
     def gather(self, paths: torch.Tensor, use_generic: torch.Tensor | None = None,
                blocked: torch.Tensor | None = None) -> dict[int, ActiveRows]:
-        """The rows this batch really reads (not generic, not blocked), as leaf tensors with grad."""
+        """The rows this batch really reads (`MemoryBank.read_mask`), as leaf tensors with grad.
+
+        Dense semantics first bring every block on the batch's paths up to the current step."""
         nodes = self.bank.node_indices(paths)
+        read = self.bank.read_mask(nodes, use_generic, blocked)
         active = {}
         for level in self.levels:
             if self.semantics == "dense":  # the forward must read what dense AdamW would hold now
                 self._catch_up(level, torch.unique(nodes[:, level]), self.t)
-            keep = ~getattr(self.bank, f"blocked_{level}")[nodes[:, level]]
-            if blocked is not None:
-                keep &= ~blocked[:, level].to(keep.device)
-            if use_generic is not None:
-                keep &= ~use_generic.to(keep.device)
-            ids = torch.unique(nodes[keep, level])
+            ids = torch.unique(nodes[read[:, level], level])
             rows = self.bank.levels[level].detach()[ids].clone().requires_grad_(True)
             active[level] = ActiveRows(ids=ids, rows=rows)
         return active
@@ -195,9 +204,9 @@ class SparseBankAdamW:
 
         The update is torch's own fused AdamW (`torch.optim.adamw.adamw(fused=True)`) over a list of
         row views -- bank rows, their gradients, their state rows and per-row step counters -- so no
-        state or parameter is gathered or scattered, and the whole step is a few kernel launches
-        (on CUDA the per-op version cost ~25% of a step). The bank rows still hold the values the
-        forward read: `gather` cloned them, and nothing writes the bank between gather and step.
+        state or parameter is gathered or scattered, and the whole step is a few kernel launches.
+        The bank rows still hold the values the forward read: `gather` cloned them, and nothing
+        writes the bank between gather and step.
         """
         lr = self.lr if lr is None else lr
         self.t += 1

@@ -8,6 +8,8 @@ evaluates (`hiermem.evaluate.evaluate_run`) and writes RUN_DIR/result.json atomi
     config        the resolved TrainConfig;  eval_config: the EvalConfig used
     accounting    hiermem.accounting.Accounting.to_dict() as the run recorded it (real vocabulary)
     tokens, steps, train_flops, train_seconds, eval_seconds, finished_at
+    total_tokens  tokens + the parent run's total tokens (a memory run: anchor pretraining + memory stage)
+    parent_run_id the run it was initialised from (recorded by training in provenance.json), or null
     provenance    git SHA, library versions, device, host (from the run's provenance.json)
     rows          the evaluation summary, one dict per memory mode (RUN_DIR/eval/summary.csv)
 
@@ -16,7 +18,7 @@ metrics. Columns: identity (sweep, run_id, role, roles, label, status, error, mo
 the evaluation summary plus `loss` = log(ppl) (held-out nats, for scaling fits), the accounting
 (`anchor_params`, `fetched_params`, `bank_params`, `embedding_params`, `flops_per_token`, ...; lists
 as comma strings), `tokens`, `train_flops`, provenance (`git_sha`, `torch`, `device`, `seed`,
-`train_seconds`, `eval_seconds`) and every TrainConfig field as `cfg.<dotted path>` (tuples as comma
+`train_seconds`, `eval_seconds`), `total_tokens`, `parent_run_id` and every TrainConfig field as `cfg.<dotted path>` (tuples as comma
 strings: `cfg.memory.multipliers`, `cfg.data.tree.depth`, ...).
 """
 
@@ -27,22 +29,25 @@ import dataclasses
 import datetime
 import fcntl
 import glob
-import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import pandas as pd
 
 from hiermem.executors import error_info
 from hiermem.io import atomic_path, atomic_write_json, atomic_write_text
+from hiermem.rundir import RunDir
 
-RESULT_FILE = "result.json"
+if TYPE_CHECKING:  # the workers import this module before their thread settings; data imports torch
+    from hiermem.data.pipeline import DataBundle
+
+RESULT_FILE = RunDir.RESULT
 TABLE_FILE = "results.parquet"
 CSV_FILE = "results.csv"
-IDENTITY = ["sweep", "run_id", "role", "roles", "label", "status", "error", "mode"]
+IDENTITY = ["sweep", "run_id", "parent_run_id", "role", "roles", "label", "status", "error", "mode"]
 PROVENANCE = ["git_sha", "torch", "python", "device", "host", "seed", "train_seconds", "eval_seconds", "finished_at"]
 
 
@@ -60,27 +65,24 @@ class RunPayload:
     eval_config: dict     # EvalConfig.to_dict()
     cwd: str              # the driver's working directory: relative data roots and init_from resolve there
     planned: dict         # accounting, tokens and train_flops from the plan (kept if the run fails)
+    data: "DataBundle | None" = None  # built by the driver (pickles as its config and directories)
 
 
 # ------------------------------------------------------------------------------------------ records
 def read_result(run_dir: str | Path) -> dict | None:
     """The run's result record, or None when it has none (never run, or killed before the end)."""
-    path = Path(run_dir) / RESULT_FILE
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, json.JSONDecodeError) as e:  # written atomically, so this is outside damage
-        raise ValueError(f"result file {str(path)!r} is unreadable ({e}); delete it to re-run the run") from e
+    return RunDir(run_dir).record()
 
 
 def is_done(record: dict | None, eval_config: dict) -> bool:
-    """A run is done when it finished ok and was evaluated with the same settings as now."""
-    return bool(record) and record.get("status") == "ok" and record.get("eval_config") == eval_config
+    """A run is done when it finished ok and was evaluated with the same settings as now (records from
+    before `total_tokens` was recorded are refreshed)."""
+    return bool(record) and record.get("status") == "ok" and record.get("eval_config") == eval_config \
+        and "total_tokens" in record
 
 
 def write_result(run_dir: str | Path, record: dict) -> Path:
-    return atomic_write_json(Path(run_dir) / RESULT_FILE, record)
+    return atomic_write_json(RunDir(run_dir).result_path, record)
 
 
 def _base_record(p: RunPayload) -> dict:
@@ -125,11 +127,10 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _provenance(run_dir: Path) -> dict:
+def _provenance(run: RunDir) -> dict:
     """The provenance the run recorded when training started, else this process's."""
     from hiermem.provenance import provenance
-    path = run_dir / "provenance.json"
-    prov = json.loads(path.read_text()) if path.exists() else provenance()
+    prov = run.provenance() or provenance()
     prov.pop("accounting", None)  # the record has its own accounting section
     return prov
 
@@ -143,29 +144,31 @@ def execute_run(payload: RunPayload) -> dict:
     if payload.cwd and os.path.isdir(payload.cwd) and os.getcwd() != payload.cwd:
         os.chdir(payload.cwd)
     run_dir = Path(payload.run_dir)
+    run = RunDir(run_dir)
     with run_lock(run_dir):
-        existing = read_result(run_dir)
+        existing = run.record()
         if is_done(existing, payload.eval_config):
             return existing
         record = _base_record(payload)
         start = time.perf_counter()
         try:
             cfg = TrainConfig.from_dict(payload.config)
-            train(cfg, run_dir, progress=False)
+            train(cfg, run_dir, data=payload.data, progress=False)
             record["train_seconds"] = time.perf_counter() - start
             start = time.perf_counter()
-            summary = evaluate_run(run_dir, EvalConfig.from_dict(payload.eval_config))
+            summary = evaluate_run(run_dir, EvalConfig.from_dict(payload.eval_config), data=payload.data)
             record["eval_seconds"] = time.perf_counter() - start
         except Exception as exc:  # noqa: BLE001 - recorded; the sweep goes on with the other runs
-            record.update(status="failed", error=error_info(exc), finished_at=_now(), provenance=_provenance(run_dir))
+            record.update(status="failed", error=error_info(exc), finished_at=_now(), provenance=_provenance(run))
             write_result(run_dir, record)
             return record
-        trained = json.loads((run_dir / "summary.json").read_text())
-        prov = _provenance(run_dir)
+        trained = run.summary()
+        prov = _provenance(run)
         accounting_keys = set(payload.planned.get("accounting", {})) or set(trained)
         record.update(
             status="ok", error=None, finished_at=_now(), provenance=prov, steps=trained["steps"],
-            tokens=trained["tokens"], accounting={k: trained[k] for k in accounting_keys if k in trained},
+            tokens=trained["tokens"], total_tokens=run.total_tokens(),
+            parent_run_id=run.parent.run_id if run.parent else None, accounting={k: trained[k] for k in accounting_keys if k in trained},
             train_flops=trained["flops_per_token"] * trained["tokens"],
             rows=[{k: _json_safe(v) for k, v in row.items()} for row in summary.to_dict(orient="records")])
         write_result(run_dir, record)
@@ -187,7 +190,8 @@ def _flatten(value: Any, prefix: str, out: dict) -> None:
 def record_rows(record: dict) -> list[dict]:
     """The table rows of one run: one per evaluated mode (one NaN-metric row if it failed)."""
     error = record.get("error")
-    ident = {"sweep": record.get("sweep"), "run_id": record.get("run_id"), "role": record.get("role"),
+    ident = {"sweep": record.get("sweep"), "run_id": record.get("run_id"), "parent_run_id": record.get("parent_run_id"),
+             "role": record.get("role"),
              "roles": ",".join(record.get("roles") or [record.get("role", "")]), "label": record.get("label"),
              "status": record.get("status"),
              "error": f"{error['type']}: {error['message']}" if isinstance(error, dict) else error}
@@ -195,7 +199,8 @@ def record_rows(record: dict) -> list[dict]:
     _flatten(record.get("accounting") or {}, "", accounting)
     prov = record.get("provenance") or {}
     versions = prov.get("versions") or {}
-    common = {**accounting, "tokens": record.get("tokens"), "train_flops": record.get("train_flops"),
+    common = {**accounting, "tokens": record.get("tokens"), "total_tokens": record.get("total_tokens"),
+              "train_flops": record.get("train_flops"),
               "steps": record.get("steps"), "git_sha": prov.get("git_sha"), "torch": versions.get("torch"),
               "python": versions.get("python"), "device": prov.get("device"), "host": prov.get("host"),
               "seed": record.get("seed"), "train_seconds": record.get("train_seconds"),

@@ -15,14 +15,13 @@ Routing is greedy: at each level a vector goes to the child whose centroid is ne
 distance, giving a path (i1, ..., ip) with entries in [0, k). It is vectorized: queries are grouped
 by their current node and each group meets its node's k centroids at once, in a small compiled
 kernel (`hiermem.native`, built on first use with the system C compiler) or, without one, in one
-BLAS matmul per group, with the first levels computed on cache-sized chunks (see `_Router`).
+BLAS matmul per group, with the first levels computed on cache-sized chunks (see `Router`).
 
 Why not faiss for the search: with k = 16 centroids per node, faiss's exact search
-(`IndexFlatL2.search`, k=1) took 1.5-1.6x the time of our kernel on 2,048-row blocks and on the
-~128-row per-node groups of the deeper levels (one thread; against the BLAS path: 0.9-1.0x and
-2.1-2.8x); faiss.Kmeans has neither k-means++ seeding nor the per-step balancing. faiss serves as the
-independent reference in the tests (a descent with `IndexFlatL2` at every node gives the same paths)
-and `bench/retriever.py` prints the ratio.
+(`IndexFlatL2.search`) is slower than our kernel on both the cache-sized blocks and the small
+per-node groups (`bench/retriever.py` prints the ratio; measured figures in the README's benchmark
+section), and faiss.Kmeans has neither k-means++ seeding nor the per-step balancing. faiss serves as
+the independent reference in the tests (a descent with `IndexFlatL2` at every node gives the same paths).
 
 Addressing: a node at level l is its path prefix (i1..il); its flat index is
 `sum_j i_j * k**(l-1-j)` (row-major, `node_index`), the convention the memory bank uses.
@@ -43,18 +42,16 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from hiermem.configbase import Config, require
 from hiermem.io import atomic_path
-from hiermem.kmeans import _BALANCE_MIN, _fit_node
-from hiermem.routing import (_Level, _Router, _blas_single_thread, _check_vectors, _default_threads, _group,
-                             _row_norms, _unit_rows, node_index, node_prefix, prefix_indices)
+from hiermem.kmeans import BALANCE_MIN, TreeConfig, fit_node
+from hiermem.routing import (Level, Router, blas_single_thread, check_vectors, default_threads, group_rows,
+                             row_norms, unit_rows, node_index, node_prefix, prefix_indices)
 
 if TYPE_CHECKING:  # imported lazily: pandas and the embedders are not needed for routing
     import pandas as pd
@@ -66,45 +63,12 @@ log = logging.getLogger(__name__)
 FORMAT = "hiermem.tree/1"
 
 
-@dataclass(frozen=True)
-class TreeConfig(Config):
-    """Hierarchical k-means settings; defaults are the paper's (k=16, depth 4, 20 x 6,400)."""
-
-    branching: int = 16
-    depth: int = 4
-    sample_size: int = 6400
-    em_steps: int = 20
-    balance_factor: float = 1.5
-    seed: int = 0
-    min_split_size: int = 0  # nodes with fewer points are not split; 0 means `branching`
-    polish_steps: int = 10   # extra whole-node balanced EM steps while a child exceeds the balance limit
-    balance_by: str = "count"  # what the balancing evens out: "count" (points) or "tokens" (build weights)
-
-    def validate(self) -> None:
-        require(self.branching >= 2, "branching", "an integer >= 2", self.branching)
-        require(self.depth >= 1, "depth", "an integer >= 1", self.depth)
-        require(self.branching ** self.depth < 2 ** 62, "depth", "branching**depth < 2**62", self.depth)
-        require(self.sample_size >= self.branching, "sample_size", f">= branching ({self.branching})",
-                self.sample_size)
-        require(self.em_steps >= 1, "em_steps", "an integer >= 1", self.em_steps)
-        require(self.balance_factor > 1.0, "balance_factor", "a number > 1", self.balance_factor)
-        require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
-        require(self.min_split_size >= 0, "min_split_size", "an integer >= 0", self.min_split_size)
-        require(self.polish_steps >= 0, "polish_steps", "an integer >= 0", self.polish_steps)
-        require(self.balance_by in ("count", "tokens"), "balance_by", "'count' or 'tokens'", self.balance_by)
-
-    @property
-    def min_points(self) -> int:
-        """Fewest points a node needs to be split."""
-        return max(self.branching, self.min_split_size)
-
-
 # ----------------------------------------------------------------------------------------------
 
 class HierarchicalKMeans:
     """A fitted k-ary tree of centroids with greedy routing (see module docstring)."""
 
-    def __init__(self, cfg: TreeConfig, dim: int, levels: list[_Level], embedder_fingerprint: str | None = None):
+    def __init__(self, cfg: TreeConfig, dim: int, levels: list[Level], embedder_fingerprint: str | None = None):
         if len(levels) != cfg.depth:
             raise ValueError(f"tree has {len(levels)} levels, config says depth {cfg.depth}")
         self.cfg = cfg
@@ -112,7 +76,7 @@ class HierarchicalKMeans:
         self.levels = levels
         self.embedder_fingerprint = embedder_fingerprint
         self.train_paths: np.ndarray | None = None  # set by build(): paths of the build vectors
-        self._router = _Router(levels, cfg.branching)
+        self.router = Router(levels, cfg.branching)  # the public router (`hiermem.routing.Router`)
 
     @property
     def branching(self) -> int:
@@ -140,8 +104,8 @@ class HierarchicalKMeans:
         leaf gets a comparable share of training tokens (the paper's windows are all 2,048 tokens,
         so its count balance is a token balance)."""
         cfg = cfg or TreeConfig()
-        threads = threads or _default_threads()
-        x = _check_vectors(vectors, None, "build")
+        threads = threads or default_threads()
+        x = check_vectors(vectors, None, "build")
         n, d = x.shape
         if cfg.balance_by == "tokens":
             if weights is None:
@@ -154,17 +118,17 @@ class HierarchicalKMeans:
         k = cfg.branching
         if n < k:
             raise ValueError(f"build: need at least branching={k} vectors, got {n}")
-        x = _unit_rows(x, _row_norms(x, "build"))
+        x = unit_rows(x, row_norms(x, "build"))
         t_start = time.perf_counter()
         flat = np.zeros(n, dtype=np.int64)
         paths = np.empty((n, cfg.depth), dtype=np.int64)
-        levels: list[_Level] = []
+        levels: list[Level] = []
         parallel = threads > 1
-        with _blas_single_thread(True), (ThreadPoolExecutor(threads) if parallel else nullcontext()) as pool:
+        with blas_single_thread(True), (ThreadPoolExecutor(threads) if parallel else nullcontext()) as pool:
             run = pool.map if pool is not None else map
             for level in range(cfg.depth):
                 t0 = time.perf_counter()
-                order, starts, ends, node_ids = _group(flat)
+                order, starts, ends, node_ids = group_rows(flat)
                 r_count = len(node_ids)
                 centroids = np.zeros((r_count, k, d), dtype=np.float32)
                 split = np.zeros(r_count, dtype=bool)
@@ -177,7 +141,7 @@ class HierarchicalKMeans:
                         centroids[r, 0] = x[idx].mean(axis=0)
                         return
                     rng = np.random.default_rng([cfg.seed, level, int(node_ids[r])])
-                    centroids[r], child[idx], balanced[r] = _fit_node(x, idx, cfg, rng, weights)
+                    centroids[r], child[idx], balanced[r] = fit_node(x, idx, cfg, rng, weights)
                     split[r] = True
 
                 by_size = np.argsort(-(ends - starts), kind="stable")  # big nodes first: better load balance
@@ -185,7 +149,7 @@ class HierarchicalKMeans:
                           desc=f"k-means level {level + 1}/{cfg.depth}", unit="node"))
                 counts = np.bincount(np.repeat(np.arange(r_count), ends - starts) * k + child[order],
                                      minlength=r_count * k).reshape(r_count, k)
-                lv = _Level(node_ids=node_ids, centroids=centroids, counts=counts, split=split)
+                lv = Level(node_ids=node_ids, centroids=centroids, counts=counts, split=split)
                 levels.append(lv)
                 paths[:, level] = child
                 flat = flat * k + child
@@ -213,10 +177,10 @@ class HierarchicalKMeans:
         Rows are L2-normalized first (NaN/inf/zero rows raise ValueError). `blocked` lists node
         prefixes (tuples of length 1..depth) whose subtrees routing never enters: a query takes the
         nearest unblocked child instead. `threads` defaults to the CPUs this process may use."""
-        x = _check_vectors(vectors, self.dim, "route")
+        x = check_vectors(vectors, self.dim, "route")
         blocked = list(blocked)
-        router = self._router if not blocked else _Router(self.levels, self.branching, self._dead_mask(blocked))
-        return router.route(x, threads or _default_threads())
+        router = self.router if not blocked else Router(self.levels, self.branching, self._dead_mask(blocked))
+        return router.route(x, threads or default_threads())
 
     def route_texts(self, texts: Sequence[str], embedder: "Embedder", blocked: Iterable[Sequence[int]] = (),
                     batch_size: int = 64, progress: bool = False) -> np.ndarray:
@@ -289,7 +253,7 @@ class HierarchicalKMeans:
             dim = int(meta["dim"])
             levels = []
             for i in range(cfg.depth):
-                lv = _Level(node_ids=f.get_tensor(f"level{i}.node_ids"), centroids=f.get_tensor(f"level{i}.centroids"),
+                lv = Level(node_ids=f.get_tensor(f"level{i}.node_ids"), centroids=f.get_tensor(f"level{i}.centroids"),
                             counts=f.get_tensor(f"level{i}.counts"), split=f.get_tensor(f"level{i}.split").astype(bool))
                 r = len(lv.node_ids)
                 if lv.centroids.shape != (r, cfg.branching, dim) or lv.counts.shape != (r, cfg.branching):
@@ -339,7 +303,7 @@ class HierarchicalKMeans:
                 known = (pr < len(plv.node_ids))
                 pr = np.minimum(pr, len(plv.node_ids) - 1)
                 was_split = known & (plv.node_ids[pr] == ids // k) & plv.split[pr]
-                ok = was_split & (tot >= _BALANCE_MIN * k)
+                ok = was_split & (tot >= BALANCE_MIN * k)
                 row["max_share_of_parent"] = float((sizes[ok] / tot[ok]).max()) if ok.any() else float("nan")
                 row["balance_limit"] = self.cfg.balance_factor / k
                 row["n_unsplit_parents"] = int((~plv.split).sum())
@@ -354,4 +318,4 @@ class HierarchicalKMeans:
         return pd.DataFrame(rows)
 
 
-__all__ = ["TreeConfig", "HierarchicalKMeans", "node_index", "node_prefix", "prefix_indices"]
+__all__ = ["HierarchicalKMeans", "node_index", "node_prefix", "prefix_indices"]

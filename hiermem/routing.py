@@ -1,6 +1,6 @@
 """Greedy routing down a k-means tree: node addressing, vector checks and the vectorized router.
 
-`_Router` holds each level's child centroids; a batch of queries descends level by level, grouped
+`Router` holds each level's child centroids; a batch of queries descends level by level, grouped
 by current node so that each group meets only its node's k centroids (first levels on cache-sized
 chunks, deeper levels on per-node blocks, on worker threads). `hiermem.retriever` wraps it in the
 public `HierarchicalKMeans`.
@@ -10,11 +10,9 @@ Two implementations of the per-group step, chosen per call by `_kernel_for`:
   gather copy), scores them against the node's centroids with SIMD fused multiply-adds, takes the
   argmin, all in one pass with the GIL released;
 - numpy/BLAS: the group's rows are gathered into a contiguous block, one matmul, an add, an argmin.
-Measured with `bench/retriever.py` (1M x 384 queries, 4-level 16-ary tree, 2 threads on the 2-core
-dev VM): kernel 1.33-1.67M queries/s, BLAS path 0.87-0.92M (1.44-1.93x in the same runs). The BLAS matmul itself runs
-near the core's peak; what the kernel removes is the rest: the per-group gather copies, the separate
-add and argmin passes, and the Python/GIL time between numpy calls, which kept two threads at
-1.4-1.6x one. Tree build assigns points with the same `_nearest`, so paths agree bit for bit
+The kernel removes the per-group gather copies, the separate add and argmin passes, and the Python/GIL
+time between numpy calls (measured side by side by `bench/retriever.py`; figures in the README).
+Tree build assigns points with the same `nearest`, so paths agree bit for bit
 between build and route whichever implementation the process uses.
 """
 
@@ -35,7 +33,7 @@ from hiermem.native import LANES, NearestKernel, kernel, pad_sets
 log = logging.getLogger(__name__)
 
 _CHUNK = 2048          # stage-A chunk (rows): 2048 x 384 floats (3 MB) and their regrouped copy stay in cache
-_PIECE = 16384         # largest block scored at once (single-parent levels, build assignment)
+PIECE = 16384         # largest block scored at once (single-parent levels, build assignment)
 _BLOCK = 2048          # largest stage-B block: it and its regrouped copy (6 MB) stay in cache
 _MIN_GROUP = 128       # stage A handles a level while its average group has this many rows
 _PARALLEL_MIN = 32768  # below this many queries, routing runs on the calling thread
@@ -79,7 +77,7 @@ def prefix_indices(paths: np.ndarray, level: int, k: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # input checks
 
-def _check_vectors(vectors: np.ndarray, dim: int | None, what: str) -> np.ndarray:
+def check_vectors(vectors: np.ndarray, dim: int | None, what: str) -> np.ndarray:
     x = np.asarray(vectors)
     if x.ndim != 2:
         raise ValueError(f"{what}: expected a 2-D array (n, dim), got shape {x.shape}")
@@ -90,7 +88,7 @@ def _check_vectors(vectors: np.ndarray, dim: int | None, what: str) -> np.ndarra
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _row_norms(x: np.ndarray, what: str, offset: int = 0) -> np.ndarray:
+def row_norms(x: np.ndarray, what: str, offset: int = 0) -> np.ndarray:
     """L2 norms (float32) of the rows of `x`; NaN/inf and zero rows raise ValueError."""
     norms = np.sqrt(np.einsum("ij,ij->i", x, x))
     bad = ~np.isfinite(norms) | (norms == 0)
@@ -102,7 +100,7 @@ def _row_norms(x: np.ndarray, what: str, offset: int = 0) -> np.ndarray:
     return norms
 
 
-def _unit_rows(x: np.ndarray, norms: np.ndarray, inplace: bool = False) -> np.ndarray:
+def unit_rows(x: np.ndarray, norms: np.ndarray, inplace: bool = False) -> np.ndarray:
     """Rows of `x` divided by their norms, except rows already unit-norm to 1e-4, kept as they are
     (embedders emit unit rows; skipping them saves a pass over the data). Build and route both go
     through this function, so a vector gets bitwise the same row, and path, in both. Returns `x`
@@ -115,7 +113,7 @@ def _unit_rows(x: np.ndarray, norms: np.ndarray, inplace: bool = False) -> np.nd
     return out
 
 
-def _group(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def group_rows(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Stable grouping of equal keys: (order, starts, ends, key of each group)."""
     if len(keys) == 0:
         e = np.zeros(0, dtype=np.int64)
@@ -129,14 +127,14 @@ def _group(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
     return order, starts, ends, sk[starts]
 
 
-def _default_threads() -> int:
+def default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
 
 
-def _blas_single_thread(enabled: bool):
+def blas_single_thread(enabled: bool):
     """Limit BLAS to one thread while our own worker threads run (avoids oversubscription)."""
     if not enabled:
         return nullcontext()
@@ -144,13 +142,13 @@ def _blas_single_thread(enabled: bool):
     return threadpool_limits(1, user_api="blas")
 
 
-def _sqnorms(c: np.ndarray) -> np.ndarray:
+def sqnorms(c: np.ndarray) -> np.ndarray:
     """Squared norms of centroids (..., k, d) -> (..., k), summed in float64 so that build and
     route get the same float32 values whatever the array shape."""
     return np.einsum("...kd,...kd->...k", c, c, dtype=np.float64).astype(np.float32)
 
 
-def _scorer(c: np.ndarray) -> np.ndarray:
+def scorer(c: np.ndarray) -> np.ndarray:
     """-2 * centroids^T, contiguous: (..., k, d) -> (..., d, k). Scaling by -2 is exact in binary
     floating point, so x @ (-2 c^T) equals -2 (x @ c^T) bit for bit, one pass fewer per level."""
     return np.ascontiguousarray(np.swapaxes(c, -1, -2) * np.float32(-2.0))
@@ -158,14 +156,14 @@ def _scorer(c: np.ndarray) -> np.ndarray:
 
 def _scores(xb: np.ndarray, ct: np.ndarray, cn: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """||c||^2 - 2 <x, c> (= squared L2 distance - 1) of unit rows `xb` (m, d) against the centroids
-    given as `ct` = `_scorer(c)` (d, k) and `cn` = `_sqnorms(c)` (k,): the one scoring routine of build
+    given as `ct` = `scorer(c)` (d, k) and `cn` = `sqnorms(c)` (k,): the one scoring routine of build
     and route, so both give a vector the same path bit for bit."""
     s = np.matmul(xb, ct, out=out)
     s += cn
     return s
 
 
-def _nearest(xb: np.ndarray, ct: np.ndarray, cn: np.ndarray, sbuf: np.ndarray | None = None) -> np.ndarray:
+def nearest(xb: np.ndarray, ct: np.ndarray, cn: np.ndarray, sbuf: np.ndarray | None = None) -> np.ndarray:
     """Index of the nearest centroid for unit rows `xb` (see `_scores`): the compiled kernel when
     available (`hiermem.native`), else BLAS. Tree build assigns points with this function and the
     router uses the same kernel, so a vector's path is the same in both."""
@@ -187,7 +185,7 @@ def _kernel_for(k: int) -> NearestKernel | None:
 # tree levels and the router
 
 @dataclass
-class _Level:
+class Level:
     """Parent nodes at one level (prefix length l) and their k children each."""
 
     node_ids: np.ndarray   # (R,) int64, sorted flat indices of the parent nodes that exist
@@ -196,20 +194,20 @@ class _Level:
     split: np.ndarray      # (R,) bool; False = under-filled node, everything goes to child 0
 
 
-class _Router:
+class Router:
     """Precomputed arrays for greedy descent over a list of levels.
 
     Scores are ||c||^2 - 2 <x, c> for unit rows x, i.e. squared L2 distance minus the constant
     ||x||^2 = 1; unusable children (no points, or blocked) get +inf.
     """
 
-    def __init__(self, levels: list[_Level], k: int, dead: list[np.ndarray] | None = None):
+    def __init__(self, levels: list[Level], k: int, dead: list[np.ndarray] | None = None):
         self.k = k
         self.depth = len(levels)
-        self.ct = [_scorer(lv.centroids) for lv in levels]
+        self.ct = [scorer(lv.centroids) for lv in levels]
         self.cn = []
         for li, lv in enumerate(levels):
-            cn = _sqnorms(lv.centroids)
+            cn = sqnorms(lv.centroids)
             unusable = lv.counts == 0
             if dead is not None:
                 unusable = unusable | dead[li]
@@ -249,7 +247,7 @@ class _Router:
         return buf[:m]
 
     def _choose(self, xb: np.ndarray, level: int, row: int, sbuf: np.ndarray) -> np.ndarray:
-        return _nearest(xb, self.ct[level][row], self.cn[level][row], sbuf)
+        return nearest(xb, self.ct[level][row], self.cn[level][row], sbuf)
 
     def step(self, xb: np.ndarray, level: int, rows: np.ndarray) -> np.ndarray:
         """Child choice at `level` for the unit rows of block `xb` whose parents are `rows`."""
@@ -258,14 +256,14 @@ class _Router:
         if m == 0:
             return out
         if rows.min() == rows.max():  # one parent: the block is already contiguous
-            sbuf = self._buffer("scores", min(m, _PIECE), self.k)
-            for lo in range(0, m, _PIECE):
-                hi = min(m, lo + _PIECE)
+            sbuf = self._buffer("scores", min(m, PIECE), self.k)
+            for lo in range(0, m, PIECE):
+                hi = min(m, lo + PIECE)
                 out[lo:hi] = self._choose(xb[lo:hi], level, int(rows[0]), sbuf)
             return out
         # several parents: one gather into parent order, `_scores` per parent on its contiguous
         # slice, then one argmin and one scatter for the whole block (few numpy calls)
-        order, starts, ends, keys = _group(rows)
+        order, starts, ends, keys = group_rows(rows)
         xg = np.take(xb, order, axis=0, out=self._buffer("group", m, xb.shape[1]), mode="clip")  # clip: ~2x faster
         scores = self._buffer("scores", m, self.k)
         ct, cn = self.ct[level], self.cn[level]
@@ -292,7 +290,7 @@ class _Router:
         if m and rows.min() == rows.max():
             return kern.nearest_groups(x, idx, np.array([0, m], dtype=np.int64), rows[:1].astype(np.int64),
                                        ct16, cn16, out)
-        order, starts, _, keys = _group(rows)
+        order, starts, _, keys = group_rows(rows)
         choice = kern.nearest_groups(x, order if idx is None else idx[order], np.append(starts, m),
                                      keys.astype(np.int64), ct16, cn16, np.empty(m, dtype=np.int64))
         out[order] = choice
@@ -307,7 +305,7 @@ class _Router:
         return flat
 
     def route(self, x: np.ndarray, threads: int) -> np.ndarray:
-        """Greedy paths (n, depth) for float32 rows `x` (normalized here, see `_unit_rows`).
+        """Greedy paths (n, depth) for float32 rows `x` (normalized here, see `unit_rows`).
 
         Stage A walks cache-sized chunks of consecutive rows through the first levels, where a
         chunk's rows still form large groups per node. Stage B takes the rows of each node of the
@@ -333,8 +331,8 @@ class _Router:
 
         def stage_a(lo: int) -> None:
             hi = min(n, lo + _CHUNK)
-            norms[lo:hi] = _row_norms(x[lo:hi], "route", lo)
-            xb = _unit_rows(x[lo:hi], norms[lo:hi])  # a view of x when its rows are unit vectors
+            norms[lo:hi] = row_norms(x[lo:hi], "route", lo)
+            xb = unit_rows(x[lo:hi], norms[lo:hi])  # a view of x when its rows are unit vectors
             root = np.zeros(hi - lo, dtype=np.int64)
             if kern is not None:
                 flat_a[lo:hi] = self._descend_native(kern, xb, None, root, 0, a, paths[lo:hi])
@@ -351,19 +349,19 @@ class _Router:
                 self._descend_native(kern, xs, gi, np.full(len(gi), key, dtype=np.int64), a, depth, sub)
             else:
                 xb = np.take(x, gi, axis=0, out=self._buffer("block", len(gi), d), mode="clip")
-                _unit_rows(xb, norms[gi], inplace=True)
+                unit_rows(xb, norms[gi], inplace=True)
                 self.descend(xb, np.full(len(gi), key, dtype=np.int64), a, depth, sub)
             paths[gi, a:] = sub[:, a:]
 
         parallel = threads > 1 and n >= _PARALLEL_MIN
         # BLAS threads only add synchronization to these small matmuls: one thread each
-        with _blas_single_thread(n > 1024), (ThreadPoolExecutor(threads) if parallel else nullcontext()) as pool:
+        with blas_single_thread(n > 1024), (ThreadPoolExecutor(threads) if parallel else nullcontext()) as pool:
             run = pool.map if pool is not None else map
             list(run(stage_a, range(0, n, _CHUNK)))
             if a < depth:
                 if kern is not None:
-                    xs = _unit_rows(x, norms)  # a copy only when some rows are not unit vectors
-                order, starts, ends, keys = _group(flat_a)
+                    xs = unit_rows(x, norms)  # a copy only when some rows are not unit vectors
+                order, starts, ends, keys = group_rows(flat_a)
                 tasks = [(order[s0:e0], int(key)) for s, e, key in zip(starts, ends, keys)
                          for s0, e0 in _pieces(s, e)]
                 tasks.sort(key=lambda t: -len(t[0]))

@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from hiermem.data.packing import loss_mask
+from hiermem.masks import loss_mask
 from hiermem.model import HierMemLM
 from hiermem.optim import SparseBankAdamW
 

@@ -56,13 +56,14 @@ import yaml
 
 from hiermem.accounting import Accounting, count
 from hiermem.config import MemoryConfig, ModelConfig
-from hiermem.configbase import Config, require
-from hiermem.data.pipeline import DataConfig
+from hiermem.configbase import Config, plain, require
 from hiermem.evaluate import EvalConfig
-from hiermem.executors import Executor, LocalExecutor, Task
-from hiermem.io import atomic_write_json, read_jsonl
+from hiermem.executors import Executor, LocalExecutor, Task, error_info
+from hiermem.fmt import human, human_seconds
+from hiermem.io import atomic_write_json
 from hiermem.results import (RunPayload, build_table, execute_run, failure_record, is_done,
                              read_result, table_from_records, write_result, write_table)
+from hiermem.rundir import RunDir
 from hiermem.train import TrainConfig
 
 DEFAULT_OUT = "results/sweeps"
@@ -72,7 +73,7 @@ SHORTCUTS: dict[str, tuple[str, ...]] = {
     "multipliers": ("memory.multipliers",),
     "placement": ("memory.placement",),
     "tree_depth": ("data.tree.depth",),                      # hierarchy depth (a new tree for memory runs)
-    "branching": ("data.tree.branching", "memory.branching"),  # blocks per node: the tree and the bank together
+    "branching": ("data.tree.branching",),  # blocks per node: the tree's, which the bank follows
     "anchor_tokens": ("anchor_stage.tokens",),
     "memory_tokens": ("memory_stage.tokens",),
 }
@@ -242,16 +243,6 @@ class PlannedRun:
         return self.run_dir.name
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Config):
-        return value.to_dict()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _merge(a: dict, b: dict) -> dict:
     """Deep merge: nested mappings merge key by key; anything else in `b` replaces `a`'s value."""
     out = dict(a)
@@ -280,7 +271,7 @@ def _fmt_value(v: Any) -> str:
 def _resolve(spec: SweepSpec, layers: list[dict], role: str, label: str) -> TrainConfig:
     merged: dict = {}
     for layer in layers:
-        merged = _merge(merged, _plain(layer))
+        merged = _merge(merged, plain(layer))
     if role in ("anchor", "dense"):
         merged.pop("memory", None)
         merged["stage"] = "pretrain"
@@ -288,9 +279,6 @@ def _resolve(spec: SweepSpec, layers: list[dict], role: str, label: str) -> Trai
         merged.setdefault("stage", "memory-cotrain")
     try:
         if isinstance(merged.get("memory"), dict):
-            if "branching" not in merged["memory"]:
-                merged["memory"] = {**merged["memory"],
-                                    "branching": DataConfig.from_dict(merged.get("data") or {}).tree.branching}
             # alone first: inside TrainConfig the Optional field would hide which memory field is wrong
             MemoryConfig.from_dict(merged["memory"], _prefix="memory.")
         return TrainConfig.from_dict(merged)
@@ -393,7 +381,7 @@ def plan(spec: SweepSpec, out: str | Path = DEFAULT_OUT) -> SweepPlan:
             _add(memories, sweep_dir, cfg, "memory", label, (anchor.run_id,) if needs_anchor else ())
     ladder = spec.dense_ladder
     if ladder is not None:
-        seeds = ladder.seeds or (_plain(spec.base).get("seed", TrainConfig.seed),)
+        seeds = ladder.seeds or (plain(spec.base).get("seed", TrainConfig.seed),)
         for preset, tokens, seed in itertools.product(ladder.anchors, ladder.tokens, seeds):
             label = f"anchor={preset} tokens={tokens} seed={seed}"
             cfg = _resolve(spec, [spec.base, ladder.overrides, {"anchor": preset, "tokens": tokens, "seed": seed}],
@@ -415,38 +403,25 @@ def calibrate(sweep_plan: SweepPlan, steps: int = 3) -> float:
     cfg = run.cfg.replace(log_every=1, checkpoint_every=10 ** 9, tokens=per_step * (steps + 10), flops=0.0)
     with tempfile.TemporaryDirectory(prefix="hiermem-calibrate-") as tmp:
         train(cfg, tmp, progress=False, stop_after_steps=steps + 1)
-        rates = [r["tokens_per_s"] for r in read_jsonl(Path(tmp) / "metrics.jsonl")][1:]  # skip the warm-up step
+        rates = [r["tokens_per_s"] for r in RunDir(tmp).metrics()][1:]  # skip the warm-up step
     if not rates:
         raise RuntimeError("calibration recorded no steps")
     return float(sorted(rates)[len(rates) // 2] * run.accounting.flops_per_token)
-
-
-def _fmt(n: float) -> str:
-    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:g}"
-
-
-def _fmt_seconds(s: float) -> str:
-    if s < 120:
-        return f"{s:.0f} s"
-    return f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
 def format_plan(sweep_plan: SweepPlan, flops_per_second: float, seconds_per_run: float) -> str:
     table = sweep_plan.table(flops_per_second, seconds_per_run)
     shown = table.copy()
     for col in ("tokens", "anchor_params", "fetched_params", "bank_params", "flops_per_token", "train_flops"):
-        shown[col] = shown[col].map(_fmt)
+        shown[col] = shown[col].map(lambda v: human(v, si=True))
     shown["est_seconds"] = shown["est_seconds"].map(lambda s: f"{s:.1f}")
     t = sweep_plan.totals(flops_per_second, seconds_per_run)
     roles = ", ".join(f"{n} {role}" for role, n in t["roles"].items())
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 60):
         body = shown.to_string(index=False)
     return (f"sweep {sweep_plan.spec.name!r} -> {sweep_plan.sweep_dir}\n{body}\n\n"
-            f"{t['runs']} runs ({roles}); {_fmt(t['tokens'])} tokens; {_fmt(t['train_flops'])} training FLOPs\n"
-            f"estimated cost: {_fmt_seconds(t['est_seconds'])} on one worker at {_fmt(flops_per_second)} FLOP/s "
+            f"{t['runs']} runs ({roles}); {human(t['tokens'], si=True)} tokens; {human(t['train_flops'], si=True)} training FLOPs\n"
+            f"estimated cost: {human_seconds(t['est_seconds'])} on one worker at {human(flops_per_second, si=True)} FLOP/s "
             f"+ {seconds_per_run:g} s per run (data loading, evaluation)")
 
 
@@ -468,33 +443,41 @@ class _Progress:
             err = record.get("error") or {}
             detail = f"{err.get('type')}: {str(err.get('message'))[:160]}"
         print(f"[{self.done}/{self.total}] {record.get('status', '?'):<6} {name}  {record.get('label') or ''}  "
-              f"({detail})  elapsed {_fmt_seconds(elapsed)}, ETA {_fmt_seconds(eta)}", file=self.stream, flush=True)
+              f"({detail})  elapsed {human_seconds(elapsed)}, ETA {human_seconds(eta)}", file=self.stream, flush=True)
 
 
-def _payload(sweep_plan: SweepPlan, run: PlannedRun, cwd: str) -> RunPayload:
-    return RunPayload(sweep=sweep_plan.spec.name, run_id=run.run_id, role=run.role, roles=run.roles, label=run.label,
+def _payload(sweep_plan: SweepPlan, run: PlannedRun, cwd: str, data=None) -> RunPayload:
+    return RunPayload(data=data, sweep=sweep_plan.spec.name, run_id=run.run_id, role=run.role, roles=run.roles, label=run.label,
                       run_dir=os.path.abspath(run.run_dir), config=run.cfg.to_dict(),
                       eval_config=sweep_plan.spec.eval.to_dict(), cwd=cwd,
                       planned={"accounting": run.accounting.to_dict(), "tokens": run.tokens,
                                "train_flops": run.train_flops})
 
 
-def _prepare_data(runs: list[PlannedRun], log) -> None:
-    """Build each distinct data bundle once in the driver, so parallel workers never race to build it."""
+def _prepare_data(runs: list[PlannedRun], log) -> dict[str, Any]:
+    """Build each distinct data bundle once in the driver; the runs get the built bundle (workers never
+    build data, so they cannot race). Returns {run_id: DataBundle, or the exception that stopped it}."""
     from hiermem.data.pipeline import build_data
-    seen = []
+    built: list[tuple[Any, Any]] = []
+    out: dict[str, Any] = {}
     for r in runs:
-        if r.cfg.data in seen:
+        match = next((b for cfg, b in built if cfg == r.cfg.data), None)
+        if match is not None:
+            out[r.run_id] = match
             continue
-        seen.append(r.cfg.data)
         start = time.perf_counter()
         try:
-            build_data(r.cfg.data, progress=False)
-        except Exception as e:  # noqa: BLE001 - the runs using it will fail and record the error
-            log(f"data for {r.name} could not be built ({type(e).__name__}: {e}); its runs will fail")
+            bundle = build_data(r.cfg.data, progress=False)
+        except Exception as e:  # noqa: BLE001 - the runs using it fail and record the error
+            log(f"data for {r.name} could not be built ({type(e).__name__}: {e}); its runs fail")
+            built.append((r.cfg.data, e))
+            out[r.run_id] = e
             continue
+        built.append((r.cfg.data, bundle))
+        out[r.run_id] = bundle
         log(f"data ready: {r.cfg.data.corpus.preset} corpus, tree {r.cfg.data.tree.branching}^"
             f"{r.cfg.data.tree.depth}, seq_len {r.cfg.data.seq_len} ({time.perf_counter() - start:.1f} s)")
+    return out
 
 
 def run_sweep(spec: SweepSpec, out: str | Path = DEFAULT_OUT, executor: Executor | None = None,
@@ -526,8 +509,7 @@ def run_sweep(spec: SweepSpec, out: str | Path = DEFAULT_OUT, executor: Executor
         if failed_before else ""
     log(f"{len(sweep_plan.runs)} runs: {len(done)} finished earlier{failed_note}, {len(to_run)} to run on "
         f"{executor.describe()}")
-    if to_run:
-        _prepare_data(to_run, log)
+    bundles = _prepare_data(to_run, log) if to_run else {}
     progress = _Progress(len(to_run), stream)
     cwd = os.getcwd()
     tasks = []
@@ -541,7 +523,14 @@ def run_sweep(spec: SweepSpec, out: str | Path = DEFAULT_OUT, executor: Executor
             records[r.run_id] = record
             progress.report(r.name, record)
             continue
-        tasks.append(Task(id=r.run_id, fn=execute_run, payload=_payload(sweep_plan, r, cwd), name=r.name,
+        data = bundles.get(r.run_id)
+        if isinstance(data, Exception):  # recorded now: a worker must not try to build it again
+            record = failure_record(_payload(sweep_plan, r, cwd), error_info(data))
+            write_result(r.run_dir, record)
+            records[r.run_id] = record
+            progress.report(r.name, record)
+            continue
+        tasks.append(Task(id=r.run_id, fn=execute_run, payload=_payload(sweep_plan, r, cwd, data), name=r.name,
                           depends_on=tuple(d for d in r.depends_on if d not in done)))
 
     def on_done(task: Task, result: dict) -> None:

@@ -1,4 +1,4 @@
-"""`hiermem sweep plan | run | results`: the command line of `hiermem.sweep`.
+"""`hiermem sweep plan | run | results`: plan, run (resumably) and collect sweeps of training runs.
 
     hiermem sweep plan SPEC [--json] [--calibrate]          accounting and estimated cost of every run
     hiermem sweep run SPEC [--executor local|ray] ...       run (or resume) the sweep, write its table
@@ -16,8 +16,9 @@ import sys
 import pandas as pd
 
 from hiermem.executors import Executor, LocalExecutor, RayExecutor
+from hiermem.fmt import human
 from hiermem.results import load_results
-from hiermem.sweep import (CPU_FLOPS_PER_SECOND, DEFAULT_OUT, SECONDS_PER_RUN, _fmt, calibrate, format_plan,
+from hiermem.sweep import (CPU_FLOPS_PER_SECOND, DEFAULT_OUT, SECONDS_PER_RUN, calibrate, format_plan,
                            load_spec, plan, run_sweep)
 
 def _executor_from_args(args: argparse.Namespace) -> Executor:
@@ -35,7 +36,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     fps = args.flops_per_second
     if args.calibrate:
         fps = calibrate(sweep_plan)
-        print(f"calibrated: {_fmt(fps)} FLOP/s", file=sys.stderr)
+        print(f"calibrated: {human(fps, si=True)} FLOP/s", file=sys.stderr)
     if args.json:
         print(json.dumps({"sweep": spec.name, "sweep_dir": str(sweep_plan.sweep_dir),
                           "runs": sweep_plan.table(fps, args.seconds_per_run).to_dict(orient="records"),
@@ -88,7 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr = sweep_sub.add_parser("run", help="run a sweep; finished runs are skipped, failed ones retried")
     pr.add_argument("spec", help="sweep YAML (see configs/sweeps/)")
     pr.add_argument("--out", default=DEFAULT_OUT, help=f"sweeps root (default {DEFAULT_OUT})")
-    pr.add_argument("--executor", choices=("local", "ray"), default="local")
+    pr.add_argument("--executor", choices=("local", "ray"), default="local",
+                    help="local: in this process or a process pool (default); ray: one Ray task per run")
     pr.add_argument("--workers", type=int, default=None,
                     help="local: parallel runs (default 1 on CPU, one per GPU); ray: size of the local cluster")
     pr.add_argument("--threads", type=int, default=None, help="local: torch threads per run (default cores/workers)")

@@ -16,11 +16,9 @@ Memory runs use cluster-packed sequences; each sequence uses the generic block i
 blocks with probability `generic_prob` (default 1/(k+1), the paper's 1/17 for k = 16; sampled per
 sequence, also in frozen runs). The bank is updated by the sparse AdamW of `hiermem.optim`.
 
-A run directory holds:
-    config.yaml        the resolved TrainConfig          provenance.json   git SHA, versions, device
-    metrics.jsonl      one line per logged step          checkpoint/       latest model + train state
-                                                         (safetensors + JSON, hiermem.state: no pickles)
-    final/             final model checkpoint            summary.json      written last: the run is done
+A run directory holds config.yaml, provenance.json (git SHA, versions, device; the parent run),
+metrics.jsonl, checkpoint/ (resume state as safetensors + JSON, no pickles), final/ (the final
+checkpoint) and summary.json (written last: the run is finished; total_tokens includes the parent's).
 Resuming (`hiermem train CONFIG --run-dir DIR` again) continues from checkpoint/ and ends with exactly
 the weights of an uninterrupted run on CPU; a changed config is refused, naming the differing fields.
 """
@@ -45,10 +43,12 @@ from hiermem.checkpoint import load_anchor_weights, load_weights, save_checkpoin
 from hiermem.config import MemoryConfig, ModelConfig, model_preset
 from hiermem.configbase import Config, require
 from hiermem.data.packing import SequenceLoader, block_updates, update_report
-from hiermem.data.pipeline import DataConfig, build_data
-from hiermem.io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, check_writable_dir, read_jsonl
+from hiermem.data.pipeline import DataBundle, DataConfig, build_data
+from hiermem.io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, check_writable_dir
 from hiermem.model import HierMemLM
+from hiermem.optim import SEMANTICS
 from hiermem.provenance import provenance
+from hiermem.rundir import RunDir
 from hiermem.state import has_state, load_state, save_state
 from hiermem.stepper import TrainStepper, cosine_lr
 
@@ -81,7 +81,7 @@ class OptimConfig(Config):
     rewarm: float | None = None  # continue/cotrain: anchor peak LR = rewarm x the init run's final LR
 
     def validate(self) -> None:
-        require(self.bank_semantics in ("lazy", "dense"), "bank_semantics", "'lazy' or 'dense'", self.bank_semantics)
+        require(self.bank_semantics in SEMANTICS, "bank_semantics", f"one of {list(SEMANTICS)}", self.bank_semantics)
         require(self.rewarm is None or self.rewarm > 0, "rewarm", "null or a positive factor", self.rewarm)
         for name in ("lr", "bank_lr", "eps"):
             require(getattr(self, name) > 0, name, "a positive number", getattr(self, name))
@@ -106,12 +106,18 @@ class TrainConfig(Config):
     tokens: int = 1_000_000
     flops: float = 0.0
     batch_size: int = 16
-    packing: str = "auto"
-    generic_prob: float = -1.0
+    packing: str | None = None         # clustered | plain; None: clustered for memory and continue stages
+    generic_prob: float | None = None  # None: 1/(k+1) with k the tree's branching
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = 100
     log_every: int = 10
+
+    def __post_init__(self) -> None:
+        # the bank has one block per tree node: its branching is the data tree's, set here once
+        if self.memory is not None and self.memory.branching is None:
+            object.__setattr__(self, "memory", self.memory.replace(branching=self.data.tree.branching))
+        super().__post_init__()
 
     def validate(self) -> None:
         require(self.stage in STAGES, "stage", f"one of {list(STAGES)}", self.stage)
@@ -126,9 +132,10 @@ class TrainConfig(Config):
         require(self.tokens > 0 or self.flops > 0, "tokens", "a positive token budget (or flops > 0)", self.tokens)
         require(self.flops >= 0, "flops", "a non-negative FLOP budget", self.flops)
         require(self.batch_size > 0, "batch_size", "a positive integer", self.batch_size)
-        require(self.packing in ("auto", "clustered", "plain"), "packing", "auto, clustered or plain", self.packing)
-        require(self.generic_prob == -1.0 or 0 <= self.generic_prob <= 1, "generic_prob",
-                "-1 (= 1/(k+1)) or a probability in [0, 1]", self.generic_prob)
+        require(self.packing in (None, "clustered", "plain"), "packing", "null (by stage), clustered or plain",
+                self.packing)
+        require(self.generic_prob is None or 0 <= self.generic_prob <= 1, "generic_prob",
+                "null (= 1/(k+1)) or a probability in [0, 1]", self.generic_prob)
         require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
                 "auto, cpu or cuda[:i]", self.device)
         require(self.checkpoint_every > 0 and self.log_every > 0, "checkpoint_every/log_every", "positive integers",
@@ -137,7 +144,8 @@ class TrainConfig(Config):
             require(self.memory.depth <= self.data.tree.depth, "memory.multipliers",
                     f"at most {self.data.tree.depth} levels (the tree's depth)", self.memory.multipliers)
             require(self.memory.branching == self.data.tree.branching, "memory.branching",
-                    f"the tree's branching {self.data.tree.branching}", self.memory.branching)
+                    f"null or the tree's branching {self.data.tree.branching} (it is taken from data.tree)",
+                    self.memory.branching)
         ModelConfig.from_dict({**model_preset(self.anchor).to_dict(), **self.model})  # fails early on bad fields
 
     # ------------------------------------------------------------------------------ derived
@@ -153,9 +161,9 @@ class TrainConfig(Config):
 
     @property
     def resolved_packing(self) -> str:
-        """auto: clustered for memory stages and for `continue` (the same sequences as the memory stage
-        it controls), plain for pretraining."""
-        if self.packing != "auto":
+        """`packing`, else clustered for memory stages and for `continue` (the same sequences as the
+        memory stage it controls) and plain for pretraining."""
+        if self.packing is not None:
             return self.packing
         return "clustered" if self.uses_memory or self.stage == "continue" else "plain"
 
@@ -164,14 +172,14 @@ class TrainConfig(Config):
         o = self.optim
         if o.rewarm is None or not self.init_from:
             return o.lr, o.final_lr
-        parent = TrainConfig.load(Path(self.init_from) / "config.yaml")
+        parent = TrainConfig.load(RunDir(self.init_from).config_path)
         return o.rewarm * parent.anchor_lr()[1], o.final_lr
 
     @property
     def resolved_generic_prob(self) -> float:
         if not self.uses_memory or not self.memory.generic:
             return 0.0
-        return 1.0 / (self.memory.branching + 1) if self.generic_prob < 0 else self.generic_prob
+        return 1.0 / (self.memory.branching + 1) if self.generic_prob is None else self.generic_prob
 
     def total_steps(self, flops_per_token: int) -> int:
         tokens_per_step = self.batch_size * self.data.seq_len
@@ -186,22 +194,11 @@ def device_for(name: str) -> torch.device:
     return torch.device(name)
 
 
-def final_checkpoint(run_dir: str | Path) -> Path:
-    path = Path(run_dir) / "final"
-    if not (path / "config.yaml").exists():
-        raise FileNotFoundError(f"{str(run_dir)!r} has no final checkpoint: the run is not finished")
-    return path
-
-
-def is_finished(run_dir: str | Path) -> bool:
-    return (Path(run_dir) / "summary.json").exists()
-
-
-def _check_same_config(run_dir: Path, cfg: TrainConfig) -> None:
-    stored = TrainConfig.load(run_dir / "config.yaml")
+def _check_same_config(run: RunDir, cfg: TrainConfig) -> None:
+    stored = TrainConfig.load(run.config_path)
     diff = stored.diff(cfg)
     if diff:
-        raise ValueError(f"run directory {str(run_dir)!r} was started with a different config; refusing to "
+        raise ValueError(f"run directory {str(run.path)!r} was started with a different config; refusing to "
                          f"resume. Differing fields: {', '.join(diff)}")
 
 
@@ -220,18 +217,26 @@ def _generic_mask(seed: int, step: int, batch: int, prob: float) -> torch.Tensor
     return torch.rand(batch, generator=g) < prob
 
 
-def train(cfg: TrainConfig, run_dir: str | Path, progress: bool = True, stop_after_steps: int | None = None) -> Path:
+def train(cfg: TrainConfig, run_dir: str | Path, data: DataBundle | None = None, progress: bool = True,
+          stop_after_steps: int | None = None) -> Path:
     """Run (or resume, or skip if finished) one training run into `run_dir`; returns run_dir.
 
+    data: the built data bundle of `cfg.data` (`hiermem.data.pipeline.build_data`); built here when None.
     stop_after_steps: stop early without finishing (simulates a killed run; used by tests).
     """
-    run_dir = check_writable_dir(run_dir, "run directory")
-    if (run_dir / "config.yaml").exists():
-        _check_same_config(run_dir, cfg)
-        if is_finished(run_dir):
+    run = RunDir(check_writable_dir(run_dir, "run directory"))
+    run_dir = run.path
+    if run.is_started:
+        _check_same_config(run, cfg)
+        if run.is_finished:
             log.info("run %s is finished; skipping", run_dir)
             return run_dir
-    data = build_data(cfg.data, progress=progress)
+    parent = RunDir.open(cfg.init_from) if cfg.init_from else None
+    if data is None:
+        data = build_data(cfg.data, progress=progress)
+    elif data.cfg != cfg.data:
+        raise ValueError(f"the data bundle given to train() was built for another data config; differing fields: "
+                         f"{', '.join(data.cfg.diff(cfg.data))}")
     device = device_for(cfg.device)
     model_cfg = cfg.model_config(data.vocab_size)
     memory_cfg = cfg.memory if cfg.uses_memory else None
@@ -242,7 +247,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, progress: bool = True, stop_aft
     torch.manual_seed(cfg.seed)
     model = HierMemLM(model_cfg, memory_cfg)
     if cfg.init_from:
-        load_anchor_weights(model, final_checkpoint(cfg.init_from))
+        load_anchor_weights(model, parent.final)
     model.to(device)
     o = cfg.optim
     peak_lr, final_lr = cfg.anchor_lr()
@@ -264,22 +269,21 @@ def train(cfg: TrainConfig, run_dir: str | Path, progress: bool = True, stop_aft
                             row["level"], row["updates_min"], total_steps, row["updates_median"])
 
     start_step = 0
-    ckpt_dir = run_dir / "checkpoint"
+    ckpt_dir = run.checkpoint_dir
     if has_state(ckpt_dir):
         state = load_state(ckpt_dir, device=device)
         load_weights(model, ckpt_dir)
         stepper.load_state_dict(state["stepper"])
         loader.load_state_dict(state["loader"])
         start_step = state["step"]
-        kept = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["step"] < start_step] \
-            if (run_dir / "metrics.jsonl").exists() else []
-        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        kept = [r for r in run.metrics() if r["step"] < start_step]
+        atomic_write_text(run.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         log.info("resuming %s at step %d", run_dir, start_step)
     else:
-        cfg.save(run_dir / "config.yaml")
-        atomic_write_json(run_dir / "provenance.json", {**provenance(), "accounting": acc.to_dict(),
-                                                        "total_steps": total_steps, "stage": cfg.stage})
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        cfg.save(run.config_path)
+        atomic_write_json(run.provenance_path, {**provenance(), "accounting": acc.to_dict(), "total_steps": total_steps,
+                                                "stage": cfg.stage, "parent": parent.parent_record() if parent else None})
+        run.metrics_path.unlink(missing_ok=True)
 
     tokens_per_step = loader.batch_size * cfg.data.seq_len
     batches = iter(loader)  # continues from the restored position
@@ -313,7 +317,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, progress: bool = True, stop_aft
                       "grad_norm": float(np.mean([w["grad_norm"] for w in window])), "lr": lr, "bank_lr": bank_lr,
                       "bank_rows": int(sum(w["bank_rows"] for w in window)),
                       "tokens_per_s": len(window) * tokens_per_step / max(elapsed, 1e-9)}
-            append_jsonl(run_dir / "metrics.jsonl", record)
+            append_jsonl(run.metrics_path, record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
             window, tick = [], time.perf_counter()
         bar.update(1)
@@ -322,16 +326,19 @@ def train(cfg: TrainConfig, run_dir: str | Path, progress: bool = True, stop_aft
     bar.close()
 
     stepper.finalize()  # dense bank semantics: every block brought up to the last step
-    with atomic_dir(run_dir / "final") as tmp:
+    with atomic_dir(run.final_dir) as tmp:
         save_checkpoint(model, tmp, extra={"stage": cfg.stage, "steps": total_steps})
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
-    summary = {"stage": cfg.stage, "steps": total_steps, "tokens": total_steps * tokens_per_step,
+    metrics = run.metrics()
+    tokens = total_steps * tokens_per_step
+    parent_tokens = parent.total_tokens() if parent else 0
+    summary = {"stage": cfg.stage, "steps": total_steps, "tokens": tokens, "total_tokens": tokens + parent_tokens,
+               "parent": parent.parent_record() if parent else None,
                "final_loss": metrics[-1]["loss"] if metrics else None, **acc.to_dict(),
                "generic_prob": generic_prob, "packing": cfg.resolved_packing,
                "touched_blocks": stepper.bank_opt.touched_blocks() if stepper.bank_opt else {},
                "bank_semantics": o.bank_semantics, "anchor_lr": [peak_lr, final_lr],
                "expected_block_updates": expected, "block_updates": _measured_updates(stepper, sequences, cfg)}
-    atomic_write_json(run_dir / "summary.json", summary)
+    atomic_write_json(run.summary_path, summary)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return run_dir
 
@@ -372,7 +379,8 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.load(args.config)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
     train(cfg, run_dir, progress=not args.quiet)
-    print(json.dumps(json.loads((run_dir / "summary.json").read_text()), indent=2) if is_finished(run_dir) else run_dir)
+    run = RunDir(run_dir)
+    print(json.dumps(run.summary(), indent=2) if run.is_finished else run_dir)
     return 0
 
 

@@ -17,3 +17,26 @@ def assert_cached_decoding_matches_recompute(model, tokens, segments, fetched, s
             logits = model.anchor(step, None, fetched, last_n=1, cache=cache)
             reference = model.anchor(full_tokens, full_segments, fetched, last_n=1)
             torch.testing.assert_close(logits, reference, rtol=rtol, atol=atol)
+
+
+def reference_lr_schedule(total_steps, warmup_steps, peak, final):
+    """Learning rate at every step from torch's own schedulers, driven step by step: LinearLR for the
+    warmup (peak * (s + 1) / warmup), then CosineAnnealingLR from peak to `final` over the rest.
+    An implementation independent of `hiermem.stepper.cosine_lr`, to check it against."""
+    out = []
+    param = torch.nn.Parameter(torch.zeros(1))
+    if warmup_steps > 0:
+        opt = torch.optim.SGD([param], lr=peak)
+        warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warmup_steps, end_factor=1.0,
+                                                 total_iters=max(warmup_steps - 1, 1))
+        for _ in range(warmup_steps):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()  # no gradient: a no-op, in the order torch expects
+            warm.step()
+    opt = torch.optim.SGD([param], lr=peak)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps - warmup_steps), eta_min=final)
+    for _ in range(total_steps - warmup_steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        cosine.step()
+    return out

@@ -3,10 +3,11 @@
 import json
 
 import pytest
+import torch
 
 from hiermem.accounting import count
 from hiermem.cli import main
-from hiermem.config import MemoryConfig, model_preset, tiny_config
+from hiermem.config import MemoryConfig, ModelConfig, model_preset, tiny_config
 from hiermem.model import HierMemLM
 
 
@@ -28,7 +29,7 @@ def test_anchor_presets_match_paper(name, params):
     ("openlm-160m", (0, 0, 16, 0), 860_160, 3_523_215_360),  # App. D: 860,160 per memory, 3.5B bank
 ])
 def test_ffn_memory_sizes_match_paper(anchor, config, fetched, bank):
-    acc = count(model_preset(anchor), MemoryConfig(multipliers=config))
+    acc = count(model_preset(anchor), MemoryConfig(multipliers=config, branching=16))
     assert acc.fetched_params == fetched
     assert acc.bank_params == bank
     assert acc.generic_params == fetched
@@ -38,13 +39,13 @@ def test_ffn_memory_sizes_match_paper(anchor, config, fetched, bank):
     ("ffn", 53_760), ("lora-ffn", 268_800), ("lora-qk", 62_720), ("lora-vo", 62_720), ("kv", 26_880),
 ])
 def test_memory_type_sizes_per_unit_for_160m(memory_type, per_unit):
-    acc = count(model_preset("openlm-160m"), MemoryConfig(type=memory_type, multipliers=(0, 1)))
+    acc = count(model_preset("openlm-160m"), MemoryConfig(type=memory_type, multipliers=(0, 1), branching=16))
     assert acc.fetched_params == per_unit
     assert acc.bank_params == 256 * per_unit
 
 
 def test_parts_sum_and_flops_split():
-    acc = count(model_preset("openlm-160m"), MemoryConfig(multipliers=(256, 64, 16, 0)), seq_len=2048)
+    acc = count(model_preset("openlm-160m"), MemoryConfig(multipliers=(256, 64, 16, 0), branching=16), seq_len=2048)
     d = acc.to_dict()
     assert d["anchor_flops_per_token"] + d["fetched_flops_per_token"] == d["flops_per_token"]
     assert d["fetched_flops_per_token"] == 6 * acc.fetched_params
@@ -70,7 +71,7 @@ def test_counts_equal_real_tensor_sizes(memory_type, placement):
 
 def test_count_does_not_allocate_a_21b_bank():
     # would need 84 GB as float32 if anything were allocated
-    acc = count(model_preset("openlm-1b"), MemoryConfig(multipliers=(768, 256, 16, 0)))
+    acc = count(model_preset("openlm-1b"), MemoryConfig(multipliers=(768, 256, 16, 0), branching=16))
     assert acc.bank_params > 2e10
 
 
@@ -105,3 +106,45 @@ def test_count_cli_imports_only_its_own_command():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert '"fetched_params"' in done.stdout
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("memory_type", [None, "ffn", "lora-ffn", "kv"])
+def test_runtime_params_equal_the_real_tensors_one_context_uses(memory_type, tie):
+    """Bug caught: `runtime_params` off by the embedding parameters (or by the fetched memory).
+    Independent: every anchor tensor of a real model plus one row of each bank level (a fetch)."""
+    cfg = tiny_config(2, vocab_size=300).replace(tie_embeddings=tie)
+    mem = MemoryConfig(type=memory_type, multipliers=(4, 2), branching=3) if memory_type else None
+    model = HierMemLM(cfg, mem)
+    anchor = sum(p.numel() for p in model.anchor.parameters())  # embeddings (and untied head) included
+    fetched = sum(p.shape[1] for p in model.bank.levels) if mem else 0
+    assert count(cfg, mem).runtime_params == anchor + fetched
+    assert count(cfg, mem).to_dict()["runtime_params"] == anchor + fetched
+
+
+@pytest.mark.parametrize("memory", [None, MemoryConfig(type="ffn", multipliers=(3, 2), branching=3)])
+def test_forward_flops_equal_measured_matmuls_plus_hand_counted_attention(memory):
+    """Bug caught: attention-score FLOPs halved (or the head, a weight matrix, the fetched memory or
+    the 3x training factor miscounted). Independent: torch's FlopCounterMode on a real forward counts
+    every matmul (weights, head, memory); the attention scores (fused SDPA, not counted on CPU) are
+    counted by hand: Q K^T and A V each cost 2 * T * attn_dim multiply-add FLOPs per token and layer,
+    over the full context."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, head_dim=8, ffn_dim=48, vocab_size=97, max_seq_len=16)
+    seq, batch = 16, 2
+    torch.manual_seed(0)
+    model = HierMemLM(cfg, memory)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq))
+    paths = torch.zeros(batch, 2, dtype=torch.long) if memory else None
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(tokens, paths=paths)
+    counted = counter.get_flop_counts()["Global"]
+    assert set(counted) <= {torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.addmm}, counted  # no SDPA counted
+    matmuls = counter.get_total_flops() / (batch * seq)
+    attn_dim = cfg.n_heads * cfg.head_dim
+    scores = cfg.n_layers * (2 * seq * attn_dim + 2 * seq * attn_dim)  # Q K^T, then A V
+    assert scores == 2 * (2 * 16 * 16 + 2 * 16 * 16)  # = 2048: 2 layers, T = attn_dim = 16
+    acc = count(cfg, memory, seq_len=seq)
+    assert acc.attention_score_flops_per_token == scores
+    assert acc.forward_flops_per_token == matmuls + scores
+    assert acc.flops_per_token == 3 * (matmuls + scores)

@@ -30,6 +30,7 @@ def besiroglu_fit():
 def test_full_grid_reproduces_besiroglu_refit(besiroglu_fit):
     result, seconds = besiroglu_fit
     assert result.converged, result.message
+    assert result.identified, result.reasons   # the identifiability thresholds pass the reference fit
     assert len(result.starts) == 4500          # the full grid, no subsampling
     assert result.n_points == 240 and result.n_excluded == 5
     for name, (value, tol) in EXPECTED.items():
@@ -66,5 +67,6 @@ def test_cli_fit_end_to_end_json():
         lo, hi = out["ci"][name]
         assert lo <= out[name] <= hi
     assert out["fit"]["converged"] is True and out["fit"]["n_points"] == 240 and out["fit"]["n_starts"] == 4500
+    assert out["fit"]["identified"] is True and out["fit"]["reasons"] == []   # with its bootstrap CIs too
 
 

@@ -94,3 +94,13 @@ def test_help_strings_exist():
     parser = build_parser()
     text = parser.format_help()
     assert "fit" in text and "compare" in text and "holdout" in text
+
+
+@pytest.mark.parametrize("content", [b'N,D,loss\n1e8,1e9,3.0\n"unterminated,1e9\n', b"\x00\xff\xfe not text",
+                                     b"", b"N,D,loss\n1,2,3,4,5\n"])
+def test_a_file_that_cannot_be_parsed_is_named_in_one_line(capsys, tmp_path, content):
+    bad = tmp_path / "broken runs.csv"
+    bad.write_bytes(content)
+    code, out, err = _run(capsys, "fit", str(bad), "--x", "N=N", "--x", "D=D", "--y", "loss")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith(f"error: cannot read {bad} as CSV (expected ")

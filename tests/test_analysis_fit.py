@@ -36,8 +36,9 @@ def test_round_trip_recovers_known_law_within_bootstrap_ci(fitted):
     assert abs(fitted.params["E"] - TRUE["E"]) < 0.2
     assert fitted.bootstrap["converged"].all() and len(fitted.bootstrap) == 200
     summary = fitted.summary()
-    assert list(summary.columns) == ["param", "estimate", "lo", "hi", "se"]
+    assert list(summary.columns) == ["param", "estimate", "lo", "hi", "se", "identified", "issue"]
     assert np.isfinite(summary[["estimate", "lo", "hi", "se"]].to_numpy()).all()
+    assert fitted.identified and fitted.reasons == () and summary["identified"].all() and (summary["issue"] == "").all()
 
 
 def test_noise_free_data_is_recovered_exactly():
@@ -191,3 +192,64 @@ def test_bad_options(runs):
         fit(runs, "chinchilla", X, "loss", weights=-np.ones(len(runs)))
     with pytest.raises(ValueError, match=r"grid for form 'chinchilla' must give values.*missing \['beta'\]"):
         fit(runs, "chinchilla", X, "loss", grid={"a": [1], "b": [1], "e": [0], "alpha": [0.3]})
+
+
+# ----- Huber-specific behaviour on synthetic data (no reference file needed) ----------------------
+
+def _own_huber(r, delta):
+    """Huber loss written out by hand: r^2/2 inside delta, delta*(|r| - delta/2) outside."""
+    r = np.abs(r)
+    return np.where(r <= delta, 0.5 * r ** 2, delta * (r - 0.5 * delta))
+
+
+def _own_fit(log_n, log_y, loss, starts):
+    """An independent fit of y = E + A/N^alpha: scipy Nelder-Mead on (log A, log E, alpha) from a
+    few starts, the best kept."""
+    from scipy.optimize import minimize
+
+    def objective(t):
+        a, e, alpha = t
+        pred = np.logaddexp(a - alpha * log_n, e)
+        return loss(pred - log_y).sum()
+
+    best = None
+    for s in starts:
+        res = minimize(objective, s, method="Nelder-Mead",
+                       options=dict(xatol=1e-10, fatol=1e-16, maxiter=40000, maxfev=40000))
+        res = minimize(objective, res.x, method="Nelder-Mead",  # a restart: Nelder-Mead can stall
+                       options=dict(xatol=1e-10, fatol=1e-16, maxiter=40000, maxfev=40000))
+        if best is None or res.fun < best.fun:
+            best = res
+    return best.x, best.fun, objective
+
+
+def test_huber_fit_resists_outliers_and_equals_an_independent_minimisation():
+    """Bug caught: the Huber loss replaced by a squared loss, delta ignored or scaled, or a wrong Huber
+    gradient. On a power law with three gross outliers the squared-loss fit is measurably pulled
+    away; the fitter's optimum must equal an independent Nelder-Mead minimisation of a hand-written
+    summed Huber objective (parameters and objective value)."""
+    true = dict(A=300.0, E=1.5, alpha=0.3)
+    n = np.geomspace(1e6, 1e10, 24)
+    rng = np.random.default_rng(0)
+    log_y = np.log(true["E"] + true["A"] * n ** -true["alpha"]) + 0.002 * rng.standard_normal(len(n))
+    log_y[[3, 10, 17]] += np.array([0.25, 0.3, 0.2])  # gross outliers, all upwards
+    df = pd.DataFrame({"N": n, "loss": np.exp(log_y)})
+    delta = 1e-2
+    result = fit(df, "power_law", {"N": "N"}, "loss", delta=delta, max_starts=150)
+    assert result.converged
+
+    log_n = np.log(n)
+    t0 = [np.log(true["A"]), np.log(true["E"]), true["alpha"]]
+    starts = [t0, [t0[0] + 1.0, t0[1] - 0.2, 0.4], [t0[0] - 1.0, t0[1] + 0.1, 0.2]]
+    huber_t, huber_f, huber_obj = _own_fit(log_n, log_y, lambda r: _own_huber(r, delta), starts)
+    sq_t, _, _ = _own_fit(log_n, log_y, lambda r: 0.5 * r ** 2, starts)
+
+    got = np.array([np.log(result.params["A"]), np.log(result.params["E"]), result.params["alpha"]])
+    # the two losses give measurably different laws here, so a squared loss cannot pass below
+    assert abs(sq_t[2] - huber_t[2]) > 0.02 and abs(np.exp(sq_t[1]) - np.exp(huber_t[1])) > 0.02
+    # the fitter finds the independent Huber optimum, and its objective is the hand-written one
+    np.testing.assert_allclose(got, huber_t, rtol=2e-3, atol=2e-3)
+    assert result.objective == pytest.approx(huber_obj(got), rel=1e-6)
+    assert result.objective == pytest.approx(huber_f, rel=1e-4)
+    # and it is robust: near the true law despite the outliers
+    assert abs(result.params["alpha"] - true["alpha"]) < 0.01

@@ -22,11 +22,15 @@ def test_demo_smoke_writes_summary_and_claims(tmp_path, capsys):
     first = table.drop_duplicates("model").set_index("model")
     assert first.loc["dense-same-active", "runtime_params"] == first.loc["memory-cotrain", "runtime_params"]
     assert 1.8 < first.loc["dense-2x", "runtime_params"] / first.loc["anchor", "runtime_params"] < 2.6
-    # the controls see the memory model's total tokens (anchor + memory stage)
+    # the controls see the memory model's total tokens (anchor + memory stage), as the runs measured them:
+    # each run rounds its budget up to whole steps of batch_size x seq_len, so two-stage runs may see one
+    # step more than a one-stage dense run of the same budget
     smoke = SCALES["smoke"]
-    total = smoke.anchor_tokens + smoke.memory_tokens
-    for model in ("memory-frozen", "continued", "dense-same-active", "dense-2x"):
-        assert first.loc[model, "train_tokens"] == total, model
+    step = smoke.batch_size * smoke.data.seq_len
+    total = sum(-(-tokens // step) * step for tokens in (smoke.anchor_tokens, smoke.memory_tokens))
+    assert first.loc["memory-frozen", "train_tokens"] == first.loc["continued", "train_tokens"] == total
+    for model in ("dense-same-active", "dense-2x"):
+        assert 0 <= total - first.loc[model, "train_tokens"] <= step, model
     claims = pd.read_csv(tmp_path / "results" / "claims.csv")
     assert list(claims.columns) == list(CLAIM_COLUMNS)
     assert {"fetched_vs_none_sk", "memory_vs_continued_sk", "blocking_removes_gain", "anchor_competent",

@@ -11,7 +11,8 @@ from hiermem.data.pipeline import build_data
 from hiermem.evaluate import BASE_MODES, EvalConfig, eval_modes, evaluate_run, heldout_perplexity, score_probes
 from hiermem.probing import (MemoryChoice, answer_matches, candidate_logprobs, continuation_logprobs, document_nll,
                              greedy_generate)
-from hiermem.train import TrainConfig, final_checkpoint, train
+from hiermem.rundir import RunDir
+from hiermem.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_perplexity_uses_the_probes_mode_objects(memory_run, smoke_data_config):
     or perplexity scored with another mode's memory. Checked against document_nll with the blocked
     path built by hand."""
     data = build_data(smoke_data_config, progress=False)
-    model = load_model(final_checkpoint(memory_run)).eval()
+    model = load_model(RunDir(memory_run).final).eval()
     cfg = EvalConfig(heldout_docs_per_source=8, split="all", seed=0)
     modes = ["none", "fetched", "blocked-drop", "blocked-reroute"]
     with torch.no_grad():
@@ -81,7 +82,7 @@ def test_perplexity_uses_the_probes_mode_objects(memory_run, smoke_data_config):
 
 def test_bank_wide_blocking_changes_only_the_blocked_subtrees(memory_run, smoke_data_config):
     data = build_data(smoke_data_config, progress=False)
-    model = load_model(final_checkpoint(memory_run)).eval()
+    model = load_model(RunDir(memory_run).final).eval()
     probes = data.probes.sample(150, random_state=0).reset_index(drop=True)
     cfg = EvalConfig(modes=("fetched", "blocked-drop"), level_ablation=False, block_fraction=0.25,
                      block_choice="random", seed=1)
@@ -99,7 +100,7 @@ def test_bank_wide_blocking_changes_only_the_blocked_subtrees(memory_run, smoke_
 def test_candidate_scores_equal_one_continuation_at_a_time(memory_run):
     """Bug caught: the cached candidate scorer misaligning positions, counting padding, or reusing one
     row's cache for another row's candidates."""
-    model = load_model(final_checkpoint(memory_run)).eval()
+    model = load_model(RunDir(memory_run).final).eval()
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
     candidates = [[[13, 14], [15], [16, 17, 18]], [[15]], [[20, 21], [22]]]
     memory = MemoryChoice(paths=np.array([[0, 1], [2, 3], [1, 1]]))
@@ -118,7 +119,7 @@ def test_answer_matching():
 
 
 def test_left_padding_scores_like_the_prompt_alone(memory_run):
-    model = load_model(final_checkpoint(memory_run)).eval()
+    model = load_model(RunDir(memory_run).final).eval()
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
     answers = [[13, 14], [15]]
     paths = np.array([[0, 1], [2, 3]])
@@ -144,3 +145,143 @@ def test_probe_sample_keeps_every_bucket():
     assert picked[picked.relation == "a"].groupby("bucket").size().to_dict() == {"b0": 2, "b1": 2, "b2": 2}
     assert list(picked["probe_id"]) == sorted(picked["probe_id"])
     assert len(select_probes(probes, 0, seed=0)) == 60
+
+
+# ----- modes, metrics and perplexity checked against independent computations ----------------------
+
+def _hand_oracle(fact_doc_paths):
+    """The most common full path of a fact's documents, ties to the lexicographically smallest."""
+    from collections import Counter
+    counts = Counter(tuple(int(i) for i in p) for p in fact_doc_paths)
+    return min(counts, key=lambda p: (-counts[p], p))
+
+
+def _without_level(model, level):
+    """A copy of the model whose level-`level` (1-based) bank blocks are all zero: an FFN memory
+    block of zeros adds exactly nothing, an independent way to drop that level."""
+    import copy
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.bank.levels[level - 1].zero_()
+    return other
+
+
+def _paths(column):
+    return np.array([[int(i) for i in p.split(",")] for p in column])
+
+
+def test_probe_modes_score_the_memory_they_name(memory_run, smoke_data_config):
+    """Bug caught: wrong-path or oracle-path silently using the routed path (in the mode or in the
+    probes' oracle paths), drop-level<l> always dropping level 1, or a mode scored with another
+    mode's memory. Independent: the oracle path recomputed from the fact documents' routes, the
+    routed path from the prompt's route, and each mode's answer log-likelihood rescored with
+    continuation_logprobs on the hand-built memory (a dropped level = a model with that level zeroed)."""
+    data = build_data(smoke_data_config, progress=False)
+    model = load_model(RunDir(memory_run).final).eval()
+    facts = data.fact_paths()
+    probes = data.probes[data.probes["fact_id"].isin(list(facts))].sample(40, random_state=0).reset_index(drop=True)
+    cfg = EvalConfig(rank_candidates=5, mc_candidates=3, max_new_tokens=2, batch_size=64, seed=0)
+    modes = ["fetched", "wrong-path", "oracle-path", "drop-level1", "drop-level2"]
+    with torch.no_grad():
+        results = score_probes(model, data, probes, cfg, modes)
+    by_mode = {m: f.set_index("probe_id").loc[probes["probe_id"]] for m, f in results.groupby("mode")}
+
+    routed = data.route_texts(probes["prompt"].tolist())
+    oracle = np.array([_hand_oracle(facts[f]) for f in probes["fact_id"]])
+    assert (oracle != routed).any(axis=1).sum() >= 5  # otherwise an oracle = routed bug could hide
+    np.testing.assert_array_equal(_paths(by_mode["fetched"]["routed_path"]), routed)
+    np.testing.assert_array_equal(_paths(by_mode["fetched"]["used_path"]), routed)
+    np.testing.assert_array_equal(_paths(by_mode["oracle-path"]["used_path"]), oracle)
+    wrong = _paths(by_mode["wrong-path"]["used_path"])
+    assert (wrong[:, 0] != routed[:, 0]).all()
+
+    tok = data.tokenizer
+    prompts = [e.ids for e in tok.encode_batch(probes["prompt"].tolist())]
+    answers = [e.ids for e in tok.encode_batch([" " + str(a) for a in probes["answer"]])]
+
+    def rescored(m, paths):
+        return continuation_logprobs(m, prompts, answers, MemoryChoice(paths=paths), data.pad_id)
+
+    want = {"fetched": rescored(model, routed), "wrong-path": rescored(model, wrong),
+            "oracle-path": rescored(model, oracle), "drop-level1": rescored(_without_level(model, 1), routed),
+            "drop-level2": rescored(_without_level(model, 2), routed)}
+    for mode in modes:
+        np.testing.assert_allclose(by_mode[mode]["answer_logprob"].to_numpy(), want[mode], rtol=1e-4, atol=1e-4,
+                                   err_msg=mode)
+    # the memories really differ, so each comparison above can tell the modes apart
+    for a, b in (("drop-level1", "drop-level2"), ("drop-level1", "fetched"), ("drop-level2", "fetched"),
+                 ("oracle-path", "fetched"), ("wrong-path", "fetched")):
+        assert not np.allclose(want[a], want[b], rtol=1e-4, atol=1e-4), (a, b)
+
+
+def test_rank_and_multiple_choice_follow_the_candidates_scores(memory_run, smoke_data_config, monkeypatch):
+    """Bug caught: multiple choice picking the least likely answer (or comparing with the wrong
+    candidates), ranking not requiring the true answer to beat every other. The candidates' scores
+    are planted (the scorer is replaced) and the metrics compared with their definitions by hand:
+    rank = true answer strictly above all others; mc = strictly above the first mc_candidates - 1."""
+    import hiermem.evaluate as evaluate_module
+    data = build_data(smoke_data_config, progress=False)
+    model = load_model(RunDir(memory_run).final).eval()
+    cfg = EvalConfig(rank_candidates=6, mc_candidates=3, max_new_tokens=1, seed=0)
+    probes = data.probes[data.probes["relation"] == "atomic_number"].head(8).reset_index(drop=True)
+    patterns = [[5, 1, 2, 3, 4, 0],   # best of all: rank and mc
+                [3, 1, 2, 9, 0, 0],   # best of the mc set, not of all: mc only
+                [2, 1, 3, 0, 0, 0],   # in the middle of the mc set: neither (beats the least likely)
+                [0, 1, 2, 3, 4, 5],   # the least likely: neither
+                [2, 2, 1, 0, 0, 0]]   # a tie with a distractor: neither
+    planted = {}
+
+    def fake_scores(model, prompts, candidates, memory, pad_id, batch_size=16):
+        out = []
+        for i, cands in enumerate(candidates):
+            assert len(cands) == cfg.rank_candidates
+            out.append(np.array(patterns[i % len(patterns)], dtype=float))
+        planted["scores"] = out
+        return out
+
+    monkeypatch.setattr(evaluate_module, "candidate_logprobs", fake_scores)
+    monkeypatch.setattr(evaluate_module, "greedy_generate", lambda m, prompts, *a, **k: [[] for _ in prompts])
+    results = score_probes(model, data, probes, cfg, ["fetched"])
+    for row, sc in zip(results.itertuples(), planted["scores"]):
+        true, others, mc_others = sc[0], list(sc[1:]), list(sc[1:cfg.mc_candidates])
+        assert row.rank_correct == all(true > o for o in others), (row.Index, sc)
+        assert row.mc_correct == all(true > o for o in mc_others), (row.Index, sc)
+        assert row.answer_logprob == true and row.n_candidates == len(sc)
+    assert list(results["rank_correct"][:5]) == [True, False, False, False, False]
+    assert list(results["mc_correct"][:5]) == [True, True, False, False, False]
+
+
+def test_perplexity_is_exp_of_the_token_mean_nll(memory_run, smoke_data_config):
+    """Bug caught: perplexity reported as the mean NLL (or the mean per document, or the summary's
+    perplexity averaged without token weights). Independent: the held-out documents scored with a
+    plain forward and torch's cross-entropy, one document at a time."""
+    import torch.nn.functional as F
+    from hiermem.evaluate import summarize
+    data = build_data(smoke_data_config, progress=False)
+    model = load_model(RunDir(memory_run).final).eval()
+    corpus = data.corpus
+    counts = corpus[corpus["split"] == "heldout"].groupby("source").size()
+    cfg = EvalConfig(heldout_docs_per_source=int(counts.max()), split="all")  # every held-out document
+    with torch.no_grad():
+        ppl = heldout_perplexity(model, data, cfg, ["none"])
+    max_len = model.model_cfg.max_seq_len
+    for row in ppl.itertuples():
+        docs = corpus.index[(corpus["split"] == "heldout") & (corpus["source"] == row.source)]
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for i in docs:
+                tokens = torch.as_tensor(np.asarray(data.doc_tokens[i][:max_len]), dtype=torch.long)[None]
+                logits = model(tokens)
+                total += float(F.cross_entropy(logits[0, :-1].double(), tokens[0, 1:], reduction="sum"))
+                n += tokens.shape[1] - 1
+        assert row.docs == len(docs) and row.tokens == n
+        assert row.nll == pytest.approx(total / n, rel=1e-5)
+        assert row.ppl == pytest.approx(np.exp(total / n), rel=1e-5)
+    # the summary's perplexity pools sources by tokens: exp(sum nll * tokens / sum tokens)
+    results = pd.DataFrame({"mode": ["none", "none"], "group": ["SK", "CK"], "relation": ["capital", "cloze"],
+                            "bucket": ["b0", "b0"], "correct": [True, False]})
+    table = pd.DataFrame({"source": ["wiki", "factbook"], "mode": ["none", "none"], "docs": [1, 1],
+                          "tokens": [100, 300], "nll": [2.0, 3.0], "ppl": [np.exp(2.0), np.exp(3.0)]})
+    row = summarize(results, table, "m").iloc[0]
+    assert row["ppl"] == pytest.approx(np.exp((2.0 * 100 + 3.0 * 300) / 400))
+    assert row["ppl_wiki"] == pytest.approx(np.exp(2.0)) and row["ppl_factbook"] == pytest.approx(np.exp(3.0))

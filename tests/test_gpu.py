@@ -7,7 +7,7 @@ from hiermem.config import MemoryConfig, tiny_config
 from hiermem.model import HierMemLM
 from hiermem.stepper import TrainStepper
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="requires CUDA: no CUDA device")]
 
 
 def test_bf16_autocast_memory_step_on_cuda():
@@ -92,3 +92,66 @@ def test_kv_cache_decoding_on_cuda_matches_full_recompute():
     segments = torch.tensor([[-1, -1, 0, 0, 0, 0], [0] * 6], device="cuda")
     fetched = model.fetch(torch.tensor([[0, 1], [2, 3]], device="cuda"))
     assert_cached_decoding_matches_recompute(model, tokens, segments, fetched, rtol=1e-4, atol=1e-4)
+
+
+def _trained_memory_model():
+    """A tiny model whose bank (and anchor) took a few fp32 steps on CPU, so memory changes the output."""
+    torch.manual_seed(0)
+    model = HierMemLM(tiny_config(1, vocab_size=128, max_seq_len=32), MemoryConfig(multipliers=(4, 2), branching=4))
+    stepper = TrainStepper(model, lr=1e-2, bank_lr=5e-2, weight_decay=0.0, bank_semantics="dense")
+    g = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        tokens = torch.randint(0, 128, (4, 32), generator=g)
+        paths = torch.randint(0, 4, (4, 2), generator=g)
+        use_generic = torch.tensor([False, False, False, True])
+        assert stepper.step(tokens, torch.zeros_like(tokens), paths, use_generic)["finite"]
+    stepper.finalize()
+    return model.eval()
+
+
+def test_cuda_matches_cpu_after_memory_training():
+    """Bug caught: a CUDA-only error in the memory path (fetch, generic block, blocking, document
+    mask) that a comparison at initialization cannot see, since memory contributes nothing there.
+    The same trained weights give the same logits on CPU and CUDA (fp32), with memory that matters."""
+    model = _trained_memory_model()
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 128, (4, 24), generator=g)
+    segments = torch.tensor([[0] * 10 + [1] * 14, [0] * 24, [-1] * 4 + [0] * 20, [0] * 12 + [1] * 12])
+    paths = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0]])
+    use_generic = torch.tensor([False, True, False, False])
+    blocked = torch.tensor([[False, False], [False, False], [True, False], [False, True]])
+    with torch.no_grad():
+        plain = model(tokens, segments)
+        cpu = model(tokens, segments, paths=paths, use_generic=use_generic, blocked=blocked)
+        assert (cpu - plain).abs().amax(dim=(1, 2)).min() > 1e-2  # memory matters in every row
+        model = model.cuda()
+        gpu = model(tokens.cuda(), segments.cuda(), paths=paths.cuda(), use_generic=use_generic.cuda(),
+                    blocked=blocked.cuda()).cpu()
+        gpu_plain = model(tokens.cuda(), segments.cuda()).cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(gpu_plain, plain, rtol=1e-3, atol=1e-3)
+
+
+def test_training_on_cuda_matches_cpu_fp32():
+    """Bug caught: a training step (loss mask, sparse bank AdamW, generic block) that differs on CUDA.
+    Autocast is switched off so both devices run fp32; the weights after a few steps agree."""
+    def run(device):
+        torch.manual_seed(0)
+        model = HierMemLM(tiny_config(1, vocab_size=128, max_seq_len=32),
+                          MemoryConfig(multipliers=(4, 2), branching=4)).to(device)
+        # a large eps keeps Adam's update continuous in the gradient: a near-zero gradient component
+        # whose sign differs by rounding between devices cannot flip a whole lr-sized step
+        stepper = TrainStepper(model, lr=1e-2, bank_lr=5e-2, weight_decay=0.0, eps=1e-3, bank_semantics="dense")
+        stepper.autocast = False
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            tokens = torch.randint(0, 128, (4, 32), generator=g).to(device)
+            segments = torch.tensor([[0] * 16 + [1] * 16] * 4, device=device)
+            paths = torch.randint(0, 4, (4, 2), generator=g).to(device)
+            stepper.step(tokens, segments, paths, torch.tensor([False, True, False, False], device=device))
+        stepper.finalize()
+        return {name: t.detach().cpu() for name, t in model.state_dict().items()}
+
+    cpu, gpu = run("cpu"), run("cuda")
+    for name in cpu:
+        torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-3, atol=1e-4, msg=name)

@@ -12,7 +12,7 @@ from hiermem.data.corpus import CorpusConfig, build_corpus, load_corpus, load_fa
 from hiermem.data.facts import RELATIONS
 from hiermem.data.pipeline import DataConfig, build_data
 from hiermem.data.synthetic import BIO_RELATIONS
-from hiermem.retriever import TreeConfig
+from hiermem.kmeans import TreeConfig
 
 KNOWLEDGE = CorpusConfig.preset("smoke", fact_layout="subjects", format_fraction=0.4, val_fraction=0.2,
                                 synthetic_people=40, exposure_law="loguniform", max_exposures=6,

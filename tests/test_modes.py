@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from hiermem.modes import Blocking, EvalMode, Rows, check_mode_name, choose_blocked_nodes, mode_names
-from hiermem.retriever import HierarchicalKMeans, TreeConfig
+from hiermem.kmeans import TreeConfig
+from hiermem.retriever import HierarchicalKMeans
 
 K, DEPTH = 4, 2
 

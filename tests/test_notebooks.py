@@ -196,3 +196,78 @@ def test_scaling_depth_anchor_notebook_at_smoke_scale(smoke_data_config, tmp_pat
     memory = depth[depth["kind"] == "memory"]
     assert memory["fetched_params"].nunique() == 1 and memory["bank_params"].nunique() == 4  # same budget, 4 banks
     assert len(pd.read_csv(out / "tables" / "equivalence_by_anchor.csv")) == 2
+
+
+# ------------------------------------------------------------------------------ run: failures, scales, no outside files
+def _tiny_notebook(folder: Path, name: str, code: str) -> None:
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('scale = "smoke"\nout_dir = "x"')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(code)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    folder.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, folder / f"{name}.ipynb")
+
+
+@pytest.fixture
+def tiny_notebooks(tmp_path, monkeypatch):
+    """Three notebooks of one cell each: the first and the last fail, the middle one runs."""
+    src = tmp_path / "src"
+    _tiny_notebook(src, "a_fails", "raise ValueError('first failure\\nsecond line')")
+    _tiny_notebook(src, "b_runs", "print('fine')")
+    _tiny_notebook(src, "c_fails", "import no_such_module_here")
+    monkeypatch.setattr("hiermem.notebooks.NOTEBOOK_DIR", src)
+    return src
+
+
+def test_run_goes_on_after_a_failure_and_reports_every_one(tiny_notebooks, tmp_path, capsys):
+    assert main(["notebooks", "run", "--out", str(tmp_path / "out")]) == 1
+    captured = capsys.readouterr()
+    assert "[notebooks] c_fails (scale=smoke)" in captured.out  # ran after a_fails failed
+    assert (tmp_path / "out" / "b_runs" / "run.json").is_file()
+    report = captured.err.splitlines()
+    assert report[0] == "hiermem notebooks run: 2 of 3 notebooks failed:"
+    assert report[1].startswith("  a_fails: notebook 'a_fails' failed in cell")
+    assert "ValueError: first failure second line" in report[1] and "a_fails.ipynb" in report[1]
+    assert report[2].startswith("  c_fails: ") and "ModuleNotFoundError" in report[2]
+    assert len(report) == 3  # one line per failed notebook
+
+
+def test_run_fail_fast_stops_at_the_first_failure(tiny_notebooks, tmp_path, capsys):
+    assert main(["notebooks", "run", "--fail-fast", "--out", str(tmp_path / "out")]) == 1
+    captured = capsys.readouterr()
+    assert "b_runs" not in captured.out and not (tmp_path / "out" / "b_runs").exists()
+    assert "stopped (--fail-fast): notebook 'a_fails' failed" in captured.err
+
+
+def test_run_all_returns_every_outcome_and_refuses_unknown_names_before_running(tiny_notebooks, tmp_path):
+    from hiermem.notebooks import run_all
+    with pytest.raises(FileNotFoundError, match="no notebook 'nope'"):
+        run_all(["b_runs", "nope"], tmp_path / "out", directory=tiny_notebooks)
+    assert not (tmp_path / "out").exists()  # nothing ran
+    out = run_all(None, tmp_path / "out", directory=tiny_notebooks)
+    assert list(out) == ["a_fails", "b_runs", "c_fails"]
+    assert isinstance(out["a_fails"], NotebookError) and isinstance(out["c_fails"], NotebookError)
+    assert out["b_runs"] == (tmp_path / "out" / "b_runs.ipynb").resolve()
+    with pytest.raises(NotebookError, match="a_fails"):
+        run_all(None, tmp_path / "out", directory=tiny_notebooks, fail_fast=True)
+
+
+def test_an_unknown_scale_is_refused_naming_the_accepted_ones(capsys):
+    from hiermem.notebooks import run_all
+    for call in (lambda: run_notebook("chinchilla_check", scale="default"), lambda: run_all(scale="huge")):
+        with pytest.raises(ValueError, match=r"^unknown scale '\w+' for the notebooks; accepted: smoke, small$"):
+            call()
+    with pytest.raises(SystemExit):
+        main(["notebooks", "run", "--scale", "default"])
+    assert "invalid choice: 'default'" in capsys.readouterr().err
+
+
+def test_notebooks_read_nothing_outside_the_repository():
+    """A fresh clone runs every notebook: no path above the repository, no absolute path, no home."""
+    for name in list_notebooks():
+        nb = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                for bad in ("../", "..\\", "\"/", "'/", "~/", "shared/", "expanduser", "HOME"):
+                    assert bad not in cell.source, (name, bad, cell.source)

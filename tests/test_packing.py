@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hiermem.data.packing import (PackedSequences, SequenceLoader, document_attention_mask, loss_mask,
-                                  pack_by_leaf, pack_plain)
+from hiermem.data.packing import PackedSequences, SequenceLoader, pack_by_leaf, pack_plain
+from hiermem.masks import document_attention_mask, loss_mask
 
 EOT, PAD, T = 1, 0, 16
 

@@ -7,7 +7,8 @@ import pytest
 
 from hiermem.embed import Embedder
 from hiermem.kmeans import _balance
-from hiermem.retriever import HierarchicalKMeans, TreeConfig, node_index, node_prefix, prefix_indices
+from hiermem.kmeans import TreeConfig
+from hiermem.retriever import HierarchicalKMeans, node_index, node_prefix, prefix_indices
 
 
 def mixture(n, d=16, comps=12, seed=0, spread=0.6):
@@ -67,6 +68,27 @@ def test_route_equals_brute_force_descent(tree, data):
     np.testing.assert_array_equal(got[clear], want[clear])
     assert got.dtype == np.int64 and got.shape == (1500, CFG.depth)
     assert got.min() >= 0 and got.max() < CFG.branching
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_numpy_routing_path_equals_brute_force_descent(tree, data, monkeypatch, threads):
+    """Bug caught: a wrong numpy/BLAS routing path (scores, grouping or scatter) that passes wherever
+    the compiled kernel is built, because only the kernel is compared with the brute force. Here the
+    kernel is switched off (HIERMEM_NATIVE=0), whatever the machine, for routing and for a build."""
+    import hiermem.native as native
+    monkeypatch.setenv("HIERMEM_NATIVE", "0")
+    assert native.kernel() is None
+    x = data[0][:1500]
+    want, margin = brute_force(tree, x)
+    clear = margin > 1e-5
+    assert clear.mean() > 0.99
+    got = tree.route(x.astype(np.float64) * 3.0, threads=threads)
+    np.testing.assert_array_equal(got[clear], want[clear])
+    # a tree built on the numpy path assigns its training points by that same descent
+    built = HierarchicalKMeans.build(data[0][:2000], CFG, progress=False, threads=threads)
+    want, margin = brute_force(built, data[0][:2000])
+    clear = margin > 1e-5
+    np.testing.assert_array_equal(built.train_paths[clear], want[clear])
 
 
 def test_build_paths_equal_routes(tree, data):
@@ -271,20 +293,20 @@ def test_route_texts_embeds_and_checks_the_embedder(tree):
 def test_fit_node_returns_the_nearest_assignment_of_its_centroids(caplog):
     # few EM steps and several polish steps: the returned assignment must still be exactly the
     # nearest-centroid assignment of the returned centroids (what routing will compute)
-    from hiermem.kmeans import _fit_node
-    from hiermem.routing import _nearest, _scorer, _sqnorms
+    from hiermem.kmeans import fit_node
+    from hiermem.routing import nearest, scorer, sqnorms
     with caplog.at_level(logging.DEBUG, logger="hiermem.kmeans"):
         for seed in range(12):
             x, _ = mixture(700, d=8, comps=5, seed=seed, spread=0.3)
             cfg = TreeConfig(branching=8, depth=1, sample_size=200, em_steps=1, polish_steps=4)
-            c, a, _ = _fit_node(x, np.arange(len(x)), cfg, np.random.default_rng(seed))
-            np.testing.assert_array_equal(a, _nearest(x, _scorer(c), _sqnorms(c)))
+            c, a, _ = fit_node(x, np.arange(len(x)), cfg, np.random.default_rng(seed))
+            np.testing.assert_array_equal(a, nearest(x, scorer(c), sqnorms(c)))
     assert "polish step 2" in caplog.text  # the polish loop did run several steps
 
 
 def test_routing_equals_a_faiss_exact_search_descent():
     """An independent reference: greedy descent with faiss's exact L2 search (IndexFlatL2) at each node."""
-    faiss = pytest.importorskip("faiss")
+    import faiss  # a dependency (pyproject): never skipped
     x, _ = mixture(3000, seed=5)
     tree = HierarchicalKMeans.build(x, CFG, progress=False)
     q, _ = mixture(2000, seed=6)

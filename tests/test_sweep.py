@@ -245,10 +245,10 @@ def test_failures_are_recorded_and_others_finish(smoke_data_config, tmp_path, mo
     import hiermem.evaluate
     real_eval = hiermem.evaluate.evaluate_run
 
-    def flaky_eval(run_dir, cfg=None, progress=False):
+    def flaky_eval(run_dir, cfg=None, progress=False, data=None):
         if Path(run_dir).name == failed_eval.name:
             raise RuntimeError("probe scoring crashed")
-        return real_eval(run_dir, cfg, progress)
+        return real_eval(run_dir, cfg, progress, data=data)
 
     monkeypatch.setattr(hiermem.evaluate, "evaluate_run", flaky_eval)
     table = run_sweep(spec, tmp_path, LocalExecutor(threads=1))

@@ -8,7 +8,8 @@ import torch
 from hiermem.checkpoint import load_model
 from hiermem.cli import main
 from hiermem.config import MemoryConfig
-from hiermem.train import TrainConfig, TrainingDiverged, _generic_mask, final_checkpoint, train
+from hiermem.rundir import RunDir
+from hiermem.train import TrainConfig, TrainingDiverged, _generic_mask, train
 
 MEMORY = MemoryConfig(type="ffn", multipliers=(8, 2), branching=4)
 
@@ -32,22 +33,84 @@ def test_pretrain_run_directory(pretrained_anchor):
     assert not (run / "checkpoint").exists()  # the resume checkpoint is removed once final/ exists
 
 
-def test_frozen_anchor_stays_frozen(smoke_data_config, pretrained_anchor, tmp_path):
+def _zero_init_part(bank, rows, level):
+    """The down-projection part (zero at initialization) of each row of `rows` (n, block_numel) of a
+    level: (n, numel of the down parts). Rows start non-zero (gate/up are random), so "the block was
+    trained" is checked on this part, which only a gradient update moves off zero."""
+    r = bank.units[level]
+    view = rows.reshape(rows.shape[0], len(bank.memory_layers), -1)
+    pieces = view.split([r * s.width for s in bank.specs], dim=2)
+    zeros = [piece for s, piece in zip(bank.specs, pieces) if s.init == "zeros"]
+    assert zeros, "this memory type has no zero-initialized tensor"
+    return torch.cat(zeros, dim=2).reshape(rows.shape[0], -1)
+
+
+def test_frozen_anchor_stays_frozen(smoke_data_config, pretrained_anchor, tmp_path, monkeypatch):
+    """Bug caught: the anchor moving in a frozen run; a bank step that does nothing (or updates blocks
+    no sequence fetched); the generic block never trained; a generic probability other than
+    1/(k+1) (1/k, or 0) -- the probability the loop really draws with is recorded."""
+    import hiermem.train as train_module
+    from hiermem.data.pipeline import build_data
+    drawn = []
+    original = train_module._generic_mask
+
+    def recording(seed, step, batch, prob):
+        drawn.append(prob)
+        return original(seed, step, batch, prob)
+
+    monkeypatch.setattr(train_module, "_generic_mask", recording)
     run = train(_memory_cfg(smoke_data_config, pretrained_anchor, stage="memory-frozen"), tmp_path / "frozen",
                 progress=False)
-    before, after = load_model(final_checkpoint(pretrained_anchor)), load_model(final_checkpoint(run))
+    before, after = load_model(RunDir(pretrained_anchor).final), load_model(RunDir(run).final)
     for (name, a), b in zip(before.anchor.state_dict().items(), after.anchor.state_dict().values()):
         assert torch.equal(a, b), name
-    assert any(p.abs().sum() > 0 for p in after.bank.levels)  # some down projections moved off zero
+    k = MEMORY.branching
+    assert drawn and all(prob == pytest.approx(1 / (k + 1)) for prob in drawn), set(drawn)
+    assert json.loads((run / "summary.json").read_text())["generic_prob"] == pytest.approx(1 / (k + 1))
+    # every block on some training sequence's path may have moved; no other block's down part did
+    paths = torch.as_tensor(build_data(smoke_data_config, progress=False).sequences("clustered").paths)
     touched = json.loads((run / "summary.json").read_text())["touched_blocks"]
-    assert touched["0"] > 0 and touched["1"] > 0
+    flat = torch.zeros(len(paths), dtype=torch.long)
+    for level, p in enumerate(after.bank.levels):
+        flat = flat * k + paths[:, level]
+        moved = set(torch.nonzero(_zero_init_part(after.bank, p.detach(), level).abs().sum(dim=1)).flatten().tolist())
+        assert moved, f"no block of level {level + 1} was updated"
+        assert moved <= set(flat.tolist()), f"level {level + 1}: blocks no sequence fetches were updated"
+        assert len(moved) == touched[str(level)]
+    for level, g in enumerate(after.bank.generic):
+        assert _zero_init_part(after.bank, g.detach(), level).abs().sum() > 0, "the generic block was not trained"
 
 
 def test_cotrain_moves_anchor(smoke_data_config, pretrained_anchor, tmp_path):
     run = train(_memory_cfg(smoke_data_config, pretrained_anchor), tmp_path / "cotrain", progress=False)
-    before, after = load_model(final_checkpoint(pretrained_anchor)), load_model(final_checkpoint(run))
+    before, after = load_model(RunDir(pretrained_anchor).final), load_model(RunDir(run).final)
     assert not torch.equal(before.anchor.embed.weight, after.anchor.embed.weight)
-    assert any(p.abs().sum() > 0 for p in after.bank.generic)  # the generic block was trained too
+    # the generic block was trained too: its zero-initialized down part moved (gate/up start non-zero)
+    for level, g in enumerate(after.bank.generic):
+        assert _zero_init_part(after.bank, g.detach(), level).abs().sum() > 0, level
+
+
+def test_default_generic_probability_is_one_over_k_plus_one(smoke_data_config, pretrained_anchor):
+    """Bug caught: the default generic probability 1/k or 0 instead of 1/(k+1) (the paper's 1/17, k=16)."""
+    for k in (4, 16):
+        cfg = TrainConfig(stage="memory-scratch", anchor="tiny-d1", memory=MEMORY.replace(branching=None),
+                          data=smoke_data_config.replace(tree=smoke_data_config.tree.replace(branching=k)))
+        assert cfg.memory.branching == k
+        assert cfg.resolved_generic_prob == pytest.approx(1 / (k + 1))
+    assert _memory_cfg(smoke_data_config, pretrained_anchor, generic_prob=0.3).resolved_generic_prob == 0.3
+    assert TrainConfig(stage="pretrain", data=smoke_data_config).resolved_generic_prob == 0.0
+
+
+def test_logged_learning_rates_follow_the_reference_schedule(pretrained_anchor):
+    """Bug caught: an inverted or shifted schedule in the loop. Each logged row holds the LR of its
+    last step; reference: torch's LinearLR + CosineAnnealingLR (tests/helpers.py)."""
+    from helpers import reference_lr_schedule
+    cfg = TrainConfig.load(pretrained_anchor / "config.yaml")
+    steps = json.loads((pretrained_anchor / "summary.json").read_text())["steps"]
+    want = reference_lr_schedule(steps, round(cfg.optim.warmup_fraction * steps), cfg.optim.lr, cfg.optim.final_lr)
+    rows = [json.loads(line) for line in (pretrained_anchor / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([want[r["step"] - 1] for r in rows], rel=1e-9)
+    assert rows[-1]["lr"] < rows[0]["lr"]
 
 
 def test_generic_sampling_rate():
@@ -65,7 +128,7 @@ def test_exact_resume(smoke_data_config, pretrained_anchor, tmp_path):
     assert (tmp_path / "resumed" / "checkpoint" / "train_state.safetensors").exists()
     train(cfg, tmp_path / "resumed", progress=False, stop_after_steps=6)
     train(cfg, tmp_path / "resumed", progress=False)
-    a, b = load_model(final_checkpoint(full)), load_model(final_checkpoint(tmp_path / "resumed"))
+    a, b = load_model(RunDir(full).final), load_model(RunDir(tmp_path / "resumed").final)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
     steps = [json.loads(l)["step"] for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
@@ -113,7 +176,7 @@ def test_bad_configs_and_unwritable_run_dir(smoke_data_config, pretrained_anchor
     blocker.write_text("not a directory")
     with pytest.raises(OSError, match="run directory .* is not writable"):
         train(_memory_cfg(smoke_data_config, pretrained_anchor), blocker / "run", progress=False)
-    with pytest.raises(FileNotFoundError, match="no final checkpoint"):
+    with pytest.raises(FileNotFoundError, match="missing.* does not exist"):
         train(_memory_cfg(smoke_data_config, tmp_path / "missing"), tmp_path / "x", progress=False)
 
 
@@ -147,7 +210,7 @@ def test_continue_stage_and_rewarm(smoke_data_config, pretrained_anchor, tmp_pat
                                                                                              weight_decay=0.0))
     assert still.resolved_packing == "clustered" and not still.uses_memory
     run = train(still, tmp_path / "continued", progress=False)
-    a, b = load_model(final_checkpoint(pretrained_anchor)), load_model(final_checkpoint(run))
+    a, b = load_model(RunDir(pretrained_anchor).final), load_model(RunDir(run).final)
     assert b.bank is None
     for (name, x), y in zip(a.anchor.state_dict().items(), b.anchor.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-6, msg=name)
@@ -194,3 +257,30 @@ def test_state_round_trip_keeps_types():
         back = load_state(d)
     assert back["opt"]["state"][0]["exp_avg"].shape == (2, 3) and isinstance(back["opt"]["param_groups"][0]["betas"], tuple)
     assert back["lrs"].dtype == torch.float64 and back["none"] is None and back["flag"] is True and back["step"] == 3
+
+
+def test_first_logged_loss_is_the_masked_loss_of_the_initial_model(smoke_data_config, tmp_path):
+    """Bug caught: the training loop passing no segment ids (attention and loss crossing documents and
+    counting padding) or another loss than the masked next-token NLL. One logged step holds the loss
+    of the freshly initialized model on the first batch: recomputed by hand (plain cross-entropy over
+    the targets inside one document) on the same batch."""
+    import torch.nn.functional as F
+    from hiermem.data.packing import SequenceLoader
+    from hiermem.data.pipeline import build_data
+    from hiermem.model import HierMemLM
+    cfg = TrainConfig(stage="pretrain", anchor="tiny-d1", data=smoke_data_config, tokens=1 * 4 * 128, batch_size=4,
+                      log_every=1, checkpoint_every=10)
+    run = train(cfg, tmp_path / "one-step", progress=False)
+    logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    data = build_data(smoke_data_config, progress=False)
+    torch.manual_seed(cfg.seed)
+    model = HierMemLM(cfg.model_config(data.vocab_size))
+    sequences = data.sequences(cfg.resolved_packing)
+    tokens, segments, _ = next(iter(SequenceLoader(sequences, batch_size=cfg.batch_size, seed=cfg.seed)))
+    assert (segments[:, 1:] != segments[:, :-1]).any()  # the batch packs several documents (or padding)
+    with torch.no_grad():
+        logits = model(tokens, segments)
+    ce = F.cross_entropy(logits[:, :-1].double().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
+                         reduction="none").view(tokens.shape[0], -1)
+    valid = (segments[:, :-1] == segments[:, 1:]) & (segments[:, :-1] >= 0)
+    assert logged["loss"] == pytest.approx(float((ce * valid).sum() / valid.sum()), rel=1e-5)

@@ -2,7 +2,9 @@
 
     hiermem data build --preset small [--embedder minilm] [--root data] [--seed 0] [--config data.yaml]
     hiermem data stats --preset small [--json]
-    hiermem data stats --demo default --tokens 1500000 --batch-size 32      # the main job's data
+    hiermem data stats --demo small --tokens 1500000 --batch-size 32      # the main job's data
+
+Presets and demo scales are named by scale (README, "Scales"): smoke, small, full.
 
 `build` runs every missing stage of the pipeline (corpus, tokenizer, embeddings, tree, routes, packed
 sequences); `stats` prints sizes, per-level cluster statistics (sizes, balance, purity against source
@@ -24,6 +26,7 @@ import pandas as pd
 from hiermem.data.packing import block_updates, update_report
 from hiermem.data.pipeline import DataBundle, DataConfig, build_data
 from hiermem.diagnostics import routing_diagnostics, summarize_routing
+from hiermem.scales import accepted
 
 
 def _config(args: argparse.Namespace) -> DataConfig:
@@ -107,12 +110,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     for verb, func, help_text in (("build", _run_build, "build (or reuse) every stage"),
                                   ("stats", _run_stats, "sizes, clusters, frequency buckets, routing")):
         q = verbs.add_parser(verb, help=help_text)
-        q.add_argument("--preset", default="small", help="smoke | small | full (default small)")
+        q.add_argument("--preset", default="small", choices=accepted("data"),
+                       help="smoke (tests, seconds) | small (the CPU study) | full (every installed source); "
+                            "default small")
         q.add_argument("--config", default=None, help="a DataConfig YAML instead of a preset")
-        q.add_argument("--demo", default=None, choices=["default", "smoke"],
-                       help="the data of the main job at this scale (hiermem demo) instead of a preset")
+        q.add_argument("--demo", default=None, choices=accepted("demo"),
+                       help="the data of the main job (hiermem demo) at this scale instead of a preset")
         q.add_argument("--root", default=None, help="data directory (default ./data)")
-        q.add_argument("--embedder", default=None, help="fast | minilm (the paper's all-MiniLM-L6-v2)")
+        q.add_argument("--embedder", default=None, choices=("fast", "minilm", "tfidf"),
+                       help="fast (distilled from MiniLM) | minilm (the paper's all-MiniLM-L6-v2) | tfidf "
+                            "(TF-IDF + SVD fitted on the corpus); default: the preset's (fast)")
         q.add_argument("--seed", type=int, default=None, help="corpus seed (fact exposures, splits)")
         q.add_argument("--quiet", action="store_true", help="no progress bars")
         if verb == "stats":

@@ -25,7 +25,8 @@
 A later call with the same config fingerprint (config + format version + package versions +
 where each source's data was found) reuses the directory instead of rebuilding.
 
-Presets (`CorpusConfig.preset(name, **overrides)`; YAML `{preset: smoke, ...}` works the same):
+Presets, named by scale (`hiermem.scales`; `CorpusConfig.preset(name, **overrides)`; YAML
+`{preset: smoke, ...}` works the same):
     smoke  seconds, for tests: 300 wiki + 300 factbook source docs, 4 relations, <= 8 exposures,
            24 bioS people, 24 cloze probes, 2k vocab
     small  CPU sweeps: all wiki leads + all of the Factbook, all 9 relations (<= 1000 facts each),
@@ -63,6 +64,7 @@ from hiermem.data.textutil import chunk_text, count_phrases, stable_hash
 from hiermem.data.tokenizer import MIN_VOCAB_SIZE, load_tokenizer, train_tokenizer
 from hiermem.io import atomic_path, atomic_write_json, check_writable_dir
 from hiermem.provenance import provenance
+from hiermem.scales import check
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +177,7 @@ class CorpusConfig(Config):
 
 def _preset(cls: type[CorpusConfig], name: str, **overrides) -> CorpusConfig:
     """The named preset's config, with `overrides` applied (unknown names raise ValueError)."""
-    require(name in PRESETS, "preset", f"one of {sorted(PRESETS)}", name)
+    check(name, "data")
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise ValueError(f"unknown config field(s) {', '.join(unknown)} for {cls.__name__}")

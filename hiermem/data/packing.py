@@ -12,8 +12,9 @@ its own sequence) and its remainder is packed like a short document. Sequences a
 globally with the seed.
 
 Loss convention: the target of position t is token t+1, and it counts only when
-`segment_ids[t] == segment_ids[t+1] >= 0` (same document, not padding); see `loss_mask`. The
-model should restrict attention to the same segment (`document_attention_mask`).
+`segment_ids[t] == segment_ids[t+1] >= 0` (same document, not padding), and attention stays inside
+a segment: `loss_mask` and `document_attention_mask` live in `hiermem.masks` (shared with the model)
+and are re-exported here.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from hiermem.io import atomic_path
+from hiermem.masks import document_attention_mask, loss_mask  # re-exported: the masks of this layout
 
 log = logging.getLogger(__name__)
 
@@ -216,26 +218,6 @@ def pack_plain(token_ids: Sequence[np.ndarray], seq_len: int, eot_id: int, pad_i
     log.info("packed %d docs into %d plain sequences of %d tokens (fill %.1f%%)",
              len(token_ids), len(packed), seq_len, 100 * packed.fill_rate)
     return packed
-
-
-# ----------------------------------------------------------------------------------------------
-# masks
-
-def loss_mask(segment_ids: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """(B, T-1) bool: position t predicts token t+1 only inside one document (never padding)."""
-    seg = torch.as_tensor(segment_ids)
-    return (seg[:, :-1] == seg[:, 1:]) & (seg[:, :-1] >= 0)
-
-
-def document_attention_mask(segment_ids: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """(B, T, T) bool, True where query t may attend key s: s <= t and same segment (not padding).
-    Padding queries attend to themselves only, so softmax rows are never empty."""
-    seg = torch.as_tensor(segment_ids)
-    t = seg.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=seg.device).tril()
-    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
-    eye = torch.eye(t, dtype=torch.bool, device=seg.device)
-    return (same & causal) | eye
 
 
 # ----------------------------------------------------------------------------------------------

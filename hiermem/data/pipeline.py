@@ -34,8 +34,10 @@ from hiermem.data.packing import PackedSequences, pack_by_leaf, pack_plain
 from hiermem.data.tokenizer import EOT_TOKEN, PAD_TOKEN, encode_batch
 from hiermem.embed import Embedder, embed_cached, get_embedder, load_embedder
 from hiermem.io import atomic_dir, atomic_path, atomic_write_json
+from hiermem.kmeans import TreeConfig
 from hiermem.provenance import provenance
-from hiermem.retriever import HierarchicalKMeans, TreeConfig
+from hiermem.scales import check
+from hiermem.retriever import HierarchicalKMeans
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +76,12 @@ class DataConfig(Config):
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "DataConfig":
-        """Data presets matching the corpus presets: smoke (tests), small (CPU sweeps), full."""
+        """Data presets matching the corpus presets, named by scale (`hiermem.scales`): smoke (tests),
+        small (the CPU study: the demo's base, the CPU sweeps), full (every installed source)."""
         trees = {"smoke": TreeConfig(branching=4, depth=2), "small": TreeConfig(branching=16, depth=2),
                  "full": TreeConfig(branching=16, depth=3)}
         vocab = {"smoke": 1024, "small": 4096, "full": 8192}  # small vocabularies suit tiny anchors
-        require(name in trees, "preset", f"one of {sorted(trees)}", name)
+        check(name, "data")
         base = dict(corpus=CorpusConfig.preset(name, vocab_size=vocab[name]), tree=trees[name],
                     seq_len=128 if name == "smoke" else 256)
         base.update(overrides)
@@ -95,6 +98,10 @@ class DataBundle:
 
     def __init__(self, cfg: DataConfig, dirs: dict[str, Path]):
         self.cfg, self.dirs = cfg, dirs
+
+    def __getstate__(self) -> dict:
+        """A bundle crosses process boundaries as its config and directories; tables load where it lands."""
+        return {"cfg": self.cfg, "dirs": self.dirs}
 
     # -------------------------------------------------------------------------------- contents
     @cached_property
