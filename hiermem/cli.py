@@ -23,8 +23,8 @@ COMMANDS = {
     "demo": "hiermem.demo",
     "notebooks": "hiermem.notebooks",
     "report": "hiermem.report",
-    "forget": "hiermem.edit",
-    "learn": "hiermem.edit",
+    "forget": "hiermem.edit_eval",
+    "learn": "hiermem.edit_eval",
 }
 COMMAND_MODULES = tuple(dict.fromkeys(COMMANDS.values()))  # a module may register several commands
 

@@ -35,6 +35,7 @@ from hiermem.checkpoint import load_model
 from hiermem.configbase import Config, require
 from hiermem.data.pipeline import DataBundle, build_data
 from hiermem.diagnostics import majority_path, routing_diagnostics, summarize_routing
+from hiermem.edit import forgetting_from_evaluations
 from hiermem.io import atomic_path, atomic_write_text
 from hiermem.model import HierMemLM
 from hiermem.modes import (BASE_MODES, Blocking, EvalMode, Rows, check_mode_name, choose_blocked_nodes,
@@ -321,6 +322,14 @@ def _run_eval(args: argparse.Namespace) -> int:
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 2):
         print(summary.to_string(index=False))
     print(f"\ntables written to {RunDir(args.run_dir).eval_dir}")
+    forgotten, notes = forgetting_from_evaluations(args.run_dir)
+    if forgotten is not None or notes:
+        print("\nforgotten subjects: accuracy (%) before deletion, after it, and the anchor's (leakage = after - anchor)")
+        for note in notes:
+            print(f"  {note}")
+        if forgotten is not None:
+            with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 1):
+                print(forgotten.to_string(index=False))
     return 0
 
 

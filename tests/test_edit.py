@@ -12,9 +12,10 @@ from hiermem.checkpoint import load_model
 from hiermem.cli import main
 from hiermem.config import MemoryConfig
 from hiermem.data.pipeline import build_data
-from hiermem.edit import (checkpoint_checksums, edit_record, forget, forgetting_table, invent_facts, learn,
-                          learned_fact_table, level_files, probe_change_table, write_documents)
-from hiermem.evaluate import EvalConfig
+from hiermem.edit import (checkpoint_checksums, edit_record, forget, forgetting_from_evaluations, invent_facts, learn,
+                          level_files, write_documents)
+from hiermem.edit_eval import forgetting_table, learned_fact_table, probe_change_table
+from hiermem.evaluate import EvalConfig, evaluate_run
 from hiermem.rundir import RunDir
 from hiermem.train import TrainConfig, train
 
@@ -68,7 +69,12 @@ def test_forget_zeroes_exactly_the_named_rows(memory_run, tmp_path):
     assert torch.equal(edited, blocked) and not torch.equal(edited, kept)
 
 
-def test_forget_subtree_and_subjects(memory_run, pretrained_anchor, data, tmp_path):
+def _write(path, cfg):
+    cfg.save(path)
+    return path
+
+
+def test_forget_subtree_and_subjects(memory_run, pretrained_anchor, data, tmp_path, capsys):
     out = forget(memory_run, tmp_path / "subtree", nodes=["1"], with_subtree=True)
     assert [n["name"] for n in edit_record(out)["nodes"]] == ["1", "1.0", "1.1", "1.2", "1.3"]
     assert torch.count_nonzero(_blocks(RunDir(out).final, 1)[1]) == 0
@@ -91,6 +97,21 @@ def test_forget_subtree_and_subjects(memory_run, pretrained_anchor, data, tmp_pa
     for metric, row in every.iterrows():
         assert row["leakage"] == pytest.approx(row["after"] - row["anchor"])
         assert row["anchor_leakage"] == pytest.approx(0.0)  # a frozen anchor is the pretrained anchor
+    # `hiermem eval` of the forgotten run joins the evaluation tables: the same numbers as scoring them here
+    every_probe = EVAL.replace(max_probes_per_relation=10_000, modes=("none", "fetched"))
+    for run in (memory_run, out, pretrained_anchor):
+        evaluate_run(run, every_probe)
+    joined, notes = forgetting_from_evaluations(out)
+    assert notes == []
+    joined = joined.set_index(["subject", "metric"])
+    for row in table.itertuples():
+        got = joined.loc[(row.subject, row.metric)]
+        assert got["probes"] == row.probes
+        assert (got["before"], got["after"], got["anchor"]) == pytest.approx((row.before, row.after, row.anchor))
+    assert main(["eval", str(out), "--config", str(_write(tmp_path / "eval.yaml", every_probe)), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "forgotten subjects" in printed and subjects[0] in printed
+    assert forgetting_from_evaluations(memory_run) == (None, [])  # not an edited run
 
 
 def test_bad_forget_input_is_refused_naming_it(memory_run, pretrained_anchor, tmp_path, capsys):

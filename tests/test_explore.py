@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hiermem.explore import Explorer, explorer_widget, find_runs, format_prefix, parse_prefix
+from hiermem.explore import Explorer, find_runs, format_prefix, parse_prefix
+from hiermem.explore_ui import explorer_widget
 from hiermem.rundir import RunDir
 
 EVAL = dict(max_probes_per_relation=3, heldout_docs_per_source=2, max_new_tokens=4, perplexity_modes=("none",))

@@ -135,14 +135,23 @@ KNOWLEDGE_FILES = ("tables/summary.csv", "figure1_accuracy_by_exposures.png", "t
                    "blocking.png", "level_contribution.png", "tables/accuracy_by_frequency.csv",
                    "tables/attribution_per_probe.csv", "tables/attribution_by_group.csv",
                    "tables/attribution_by_relation.csv", "tables/memory_gain.csv")
+LEARN_FILES = ("learning.png", "learning.csv", "tables/learning_new_facts.csv", "tables/learning_other_probes.csv")
+FORGET_FILES = ("forgetting.png", "forgetting.csv", "tables/forgetting.csv")
 
 
 def test_knowledge_attribution_notebook_on_evaluated_runs(evaluated_runs, tmp_path):
     executed = run_notebook("knowledge_attribution", tmp_path,
-                            parameters={"run_dirs": evaluated_runs, "metric": "mc_correct", "n_boot": 200})
+                            parameters={"run_dirs": evaluated_runs, "metric": "mc_correct", "n_boot": 200,
+                                        "edits_dir": str(tmp_path / "edits"), "learn_steps": 20})
     out = tmp_path / "knowledge_attribution"
     _executed_ok(executed, out)
-    _files(out, *KNOWLEDGE_FILES)
+    _files(out, *KNOWLEDGE_FILES, *LEARN_FILES)
+    # forgetting chooses its subjects on the frozen run (A3), which these runs lack: skipped, saying why
+    assert "skipped forget_study: forget_study chooses its subjects on the run 'memory-frozen'" in executed.read_text()
+    learned = pd.read_csv(out / "tables" / "learning_new_facts.csv")
+    assert set(learned["model"]) == {"A2"} and set(learned["phase"]) == {"before", "after"}
+    others = pd.read_csv(out / "tables" / "learning_other_probes.csv").set_index(["metric", "part"])
+    assert (others.xs("untouched", level="part")["score_changed"] == 0).all()
     per_probe = pd.read_csv(out / "tables" / "attribution_per_probe.csv")
     assert set(per_probe["run"]) == {"memory-cotrain"}  # the dense anchor has no memory to attribute to
     curve = pd.read_csv(out / "accuracy_by_frequency.csv")
@@ -154,7 +163,9 @@ def test_knowledge_attribution_notebook_runs_the_demo(tmp_path):
     """The notebook as shipped at smoke scale: trains and evaluates the demo's five runs, then reuses them."""
     params = {"data_root": str(tmp_path / "data"), "runs_dir": str(tmp_path / "runs")}
     run_notebook("knowledge_attribution", tmp_path / "first", parameters=params)
-    _files(tmp_path / "first" / "knowledge_attribution", *KNOWLEDGE_FILES)
+    _files(tmp_path / "first" / "knowledge_attribution", *KNOWLEDGE_FILES, *FORGET_FILES, *LEARN_FILES)
+    forgotten = pd.read_csv(tmp_path / "first" / "knowledge_attribution" / "tables" / "forgetting.csv")
+    assert set(forgotten["model"]) == {"A3", "A2"} and "all" in set(forgotten["subject"])
     summary = pd.read_csv(tmp_path / "first" / "knowledge_attribution" / "tables" / "summary.csv")
     assert set(summary["run"]) == set(RUNS)
     executed = run_notebook("knowledge_attribution", tmp_path / "second", parameters=params)

@@ -9,7 +9,7 @@ must be updated), runs the mutants' test files once unmutated (a baseline that m
 each mutant writes the mutated file, runs its test files with this repository's virtualenv
 (`python -m pytest -x -q`, one thread) and restores the file. A mutant is *caught* when the tests fail.
 
-    .venv/bin/python tools/mutants.py                    # all mutants (~20-30 min on 2 busy cores)
+    .venv/bin/python tools/mutants.py                    # all mutants (~8 min on 2 cores)
     .venv/bin/python tools/mutants.py --list             # names and descriptions
     .venv/bin/python tools/mutants.py --only cosine-inverted,ppl-mean-nll
     .venv/bin/python tools/mutants.py --only huber --no-baseline   # substring match, skip the baseline
