@@ -49,11 +49,12 @@ from .attribution import (CATEGORIES, accuracy_by_frequency, attribute_knowledge
                           plot_attribution, plot_blocking, plot_exposure_curve, plot_level_contribution,
                           plot_memory_gain)
 from .claims import demo_claims, format_claims
+from .paper_claims import CLAIMS as PAPER_CLAIMS, paper_claims
 
 __all__ += [
     "CATEGORIES", "accuracy_by_frequency", "attribute_knowledge", "attribution_shares", "blocking_effect",
     "bucket_order", "level_contribution", "load_eval_summary", "load_probe_results", "memory_gain",
     "plot_accuracy_by_frequency", "plot_against_size", "plot_attribution", "plot_blocking",
     "plot_level_contribution", "plot_memory_gain", "exposure_curve", "plot_exposure_curve", "demo_claims",
-    "format_claims",
+    "format_claims", "PAPER_CLAIMS", "paper_claims",
 ]

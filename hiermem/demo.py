@@ -41,7 +41,6 @@ from hiermem.data.pipeline import DataConfig, build_data
 from hiermem.evaluate import EvalConfig, evaluate_run
 from hiermem.io import atomic_write_text
 from hiermem.scales import accepted, check
-from hiermem.kmeans import TreeConfig
 from hiermem.rundir import RunDir
 from hiermem.train import OptimConfig, TrainConfig, train
 
@@ -57,30 +56,12 @@ FIGURE1_SERIES = {
 CLAIM_ROLES = {"memory": "memory-frozen", "anchor": "anchor", "continued": "continued", "dense2x": "dense-2x"}
 
 
-def knowledge_data(scale: str, root: str = "data", embedder: str = "fast") -> DataConfig:
-    """The knowledge regime's data at a scale ("small" or "smoke", over the data preset of that name);
-    chosen by the pilots of configs/pilots/ on the validation split (README: "The knowledge regime and its
-    pilots")."""
-    base = DataConfig.preset(check(scale, "demo"), root=root, embedder=embedder)
-    if scale == "small":
-        people, docs, subjects, cloze, exposures = 150, 150, 50, 300, (2, 64)
-    else:
-        people, docs, subjects, cloze, exposures = 60, 150, 12, 30, (1, 6)
-    corpus = base.corpus.replace(
-        fact_layout="subjects", synthetic_people=people, format_fraction=0.4, val_fraction=0.2,
-        exposure_law="loguniform", min_exposures=exposures[0], max_exposures=exposures[1],
-        max_facts_per_relation=subjects, max_docs_per_source=docs, max_windows_per_doc=1, cloze_probes=cloze,
-        heldout_fraction=0.05, vocab_size=4096 if scale == "small" else base.corpus.vocab_size)
-    tree = TreeConfig(branching=8 if scale == "small" else 4, depth=2, balance_by="tokens")
-    return base.replace(corpus=corpus, tree=tree, seq_len=128)
-
-
 @dataclasses.dataclass(frozen=True)
 class DemoConfig(Config):
     """The main job's recipe. Named scales are presets; a YAML file overrides fields of one."""
 
     scale: str = "small"
-    data: DataConfig = dataclasses.field(default_factory=lambda: knowledge_data("small"))
+    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig.knowledge("small"))
     anchor: str = "tiny-d2"
     anchor_tokens: int = 1_500_000
     memory_tokens: int = 1_500_000
@@ -130,7 +111,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 SCALES: dict[str, DemoConfig] = {"small": DemoConfig()}  # the main job: p9's recipe (configs/pilots/)
 SCALES["smoke"] = DemoConfig(
-    scale="smoke", data=knowledge_data("smoke"), anchor="tiny-d1", anchor_tokens=40_000, memory_tokens=40_000,
+    scale="smoke", data=DataConfig.knowledge("smoke"), anchor="tiny-d1", anchor_tokens=40_000, memory_tokens=40_000,
     batch_size=8, memory=MemoryConfig(type="ffn", multipliers=(8, 8)),
     eval=EvalConfig(max_probes_per_relation=12, heldout_docs_per_source=10, split="eval", rank_candidates=20),
     n_boot=200)

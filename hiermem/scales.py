@@ -23,8 +23,10 @@ ACCEPTED: dict[str, tuple[str, ...]] = {
     "demo": ("smoke", "small"),       # hiermem.demo.SCALES: DemoConfig recipes
     "notebooks": ("smoke", "small"),  # the notebooks' `scale` parameter
     "data": ("smoke", "small", "full"),  # DataConfig.preset / CorpusConfig.preset
+    "knowledge": ("smoke", "small"),  # DataConfig.knowledge (`regime: knowledge` in a data config)
 }
-LABELS = {"demo": "hiermem demo", "notebooks": "the notebooks", "data": "the data presets"}
+LABELS = {"demo": "hiermem demo", "notebooks": "the notebooks", "data": "the data presets",
+          "knowledge": "the knowledge regime"}
 
 
 def accepted(consumer: str) -> tuple[str, ...]:

@@ -17,7 +17,10 @@ train on plain-packed sequences, which do not depend on the tree, so one anchor 
 other keys apply to both stages (a `seed` or `anchor` axis gives each memory run its own anchor);
 prefix a key with `anchor_stage.` or `memory_stage.` to vary one stage only (`memory_stage.tokens`,
 `memory_stage.stage`). Values are replaced whole, except mappings, which merge: an axis `memory:` whose
-values are mappings varies several fields together (e.g. a memory type with its own multipliers).
+values are mappings varies several fields together (e.g. a memory type with its own multipliers). The
+axis `cases:` pairs any keys: each value is a mapping {axis key: value} applied together, e.g.
+`cases: [{model.ffn_dim: 448, memory.multipliers: [0, 16]}, {model.ffn_dim: 256, memory.multipliers: [0, 64]}]`
+(a smaller anchor with a larger memory at fixed runtime parameters).
 Anchor and dense runs are stage `pretrain`; memory runs default to `memory-cotrain`; `init_from` is
 always derived: memory-cotrain/frozen runs start from their anchor run. A memory config without
 `branching` takes the data tree's.
@@ -78,6 +81,7 @@ SHORTCUTS: dict[str, tuple[str, ...]] = {
     "memory_tokens": ("memory_stage.tokens",),
 }
 STAGE_PREFIXES = ("anchor_stage.", "memory_stage.")
+CASES = "cases"  # an axis whose values are mappings {axis key: value}: several keys varied together (paired)
 # Measured with `calibrate` on this project's 2-core CPU machine (busy with other jobs), one torch
 # thread: tiny-d1 25, tiny-d2 37, tiny-d3 44 GFLOP/s at batch 4-16. Use --calibrate or
 # --flops-per-second for other hardware. SECONDS_PER_RUN covers start-up, data loading, checkpoints
@@ -194,18 +198,34 @@ class SweepSpec(Config):
             stage = self.memory_stage.get("stage", "memory-cotrain")
             require(stage in MEMORY_STAGES, "memory_stage.stage", f"one of {list(MEMORY_STAGES)}", stage)
         for name, values in self.axes.items():
-            paths = expand_axis(name)
-            require(len(values) > 0, f"axes.{name}", "a non-empty list of values", values)
-            if any(_is_memory_path(p) or p.startswith("memory_stage.") for p in paths):
-                require(self.memory_stage is not None, f"axes.{name}", "a memory_stage (it varies memory runs)",
-                        values)
-            if name == "memory_stage.stage":
-                for v in values:
-                    require(v in MEMORY_STAGES, f"axes.{name}", f"values among {list(MEMORY_STAGES)}", v)
+            require(isinstance(values, (list, tuple)) and len(values) > 0, f"axes.{name}", "a non-empty list of values",
+                    values)
+            if name == CASES:
+                for case in values:
+                    require(isinstance(case, dict) and len(case) > 0, f"axes.{CASES}",
+                            "mappings of axis keys to values, one per paired setting", case)
+                    for key in case:
+                        require(key != CASES, f"axes.{CASES}", "axis keys other than cases", key)
+                        self._check_axis(key, [case[key]])
+                continue
+            self._check_axis(name, values)
+
+    def _check_axis(self, name: str, values: list) -> None:
+        paths = expand_axis(name)
+        if any(_is_memory_path(p) or p.startswith("memory_stage.") for p in paths):
+            require(self.memory_stage is not None, f"axes.{name}", "a memory_stage (it varies memory runs)", values)
+        if name == "memory_stage.stage":
+            for v in values:
+                require(v in MEMORY_STAGES, f"axes.{name}", f"values among {list(MEMORY_STAGES)}", v)
 
 
-def load_spec(path: str | Path) -> SweepSpec:
-    """Load a sweep YAML; `name` defaults to the file's stem."""
+SCALED_SPECS = ("smoke",)  # a spec may hold overrides for these scales under a top-level key of that name
+
+
+def load_spec(path: str | Path, scale: str | None = None) -> SweepSpec:
+    """Load a sweep YAML; `name` defaults to the file's stem. A top-level `smoke:` mapping holds overrides
+    (deep-merged: mappings key by key, anything else replaced) that `scale="smoke"` applies, so one file
+    states an experiment at its own size and at smoke size; the name then gets a `-smoke` suffix."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"sweep spec {str(path)!r} does not exist")
@@ -216,6 +236,15 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not isinstance(data, dict):
         raise ValueError(f"sweep spec {str(path)!r}: expected a mapping at the top level")
     data.setdefault("name", path.stem.replace("_", "-"))
+    scaled = {key: data.pop(key) for key in SCALED_SPECS if key in data}
+    if scale is not None:
+        if scale not in scaled:
+            raise ValueError(f"sweep spec {str(path)!r} has no overrides for scale {scale!r} "
+                             f"(it has: {', '.join(scaled) or 'none'})")
+        if not isinstance(scaled[scale], dict):
+            raise ValueError(f"sweep spec {str(path)!r}: '{scale}:' must be a mapping of overrides")
+        data = _merge(data, scaled[scale])
+        data["name"] = f"{data['name']}-{scale}"
     try:
         return SweepSpec.from_dict(data)
     except ValueError as e:
@@ -347,7 +376,9 @@ def plan(spec: SweepSpec, out: str | Path = DEFAULT_OUT) -> SweepPlan:
     names = list(spec.axes)
     for combo in itertools.product(*(spec.axes[n] for n in names)):
         common, anchor_only, memory_only, labels = {}, {}, {}, {"anchor": [], "memory": []}
-        for name, value in zip(names, combo):
+        settings = [pair for name, value in zip(names, combo)
+                    for pair in (value.items() if name == CASES else [(name, value)])]
+        for name, value in settings:
             touched: set[str] = set()  # the stages this axis value reaches, for the run labels
             for path in expand_axis(name):
                 if path.startswith("anchor_stage."):

@@ -1,6 +1,7 @@
 """`hiermem sweep plan | run | results`: plan, run (resumably) and collect sweeps of training runs.
 
     hiermem sweep plan SPEC [--json] [--calibrate]          accounting and estimated cost of every run
+    hiermem sweep plan configs/sweeps/study/ --calibrate    estimated time of each study part and in all
     hiermem sweep run SPEC [--executor local|ray] ...       run (or resume) the sweep, write its table
     hiermem sweep results DIR... [--csv OUT]                 one table across sweeps
 """
@@ -12,6 +13,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
 import pandas as pd
 
@@ -30,13 +32,27 @@ def _executor_from_args(args: argparse.Namespace) -> Executor:
     return LocalExecutor(workers=args.workers, threads=args.threads)
 
 
+def _spec_files(items: list[str]) -> list[Path]:
+    """SPEC arguments: YAML files, or folders of them (their *.yaml, sorted)."""
+    files = []
+    for item in items:
+        path = Path(item)
+        files += sorted(path.glob("*.yaml")) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"no sweep specs (*.yaml) in {', '.join(items)}")
+    return files
+
+
 def _run_plan(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec)
-    sweep_plan = plan(spec, args.out)
+    files = _spec_files(args.spec)
+    plans = [plan(load_spec(f, args.scale), args.out) for f in files]
     fps = args.flops_per_second
     if args.calibrate:
-        fps = calibrate(sweep_plan)
+        fps = calibrate(plans[0])
         print(f"calibrated: {human(fps, si=True)} FLOP/s", file=sys.stderr)
+    if len(plans) > 1:
+        return _print_parts(plans, fps, args)
+    spec, sweep_plan = plans[0].spec, plans[0]
     if args.json:
         print(json.dumps({"sweep": spec.name, "sweep_dir": str(sweep_plan.sweep_dir),
                           "runs": sweep_plan.table(fps, args.seconds_per_run).to_dict(orient="records"),
@@ -46,8 +62,30 @@ def _run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_parts(plans: list, fps: float, args: argparse.Namespace) -> int:
+    """Several specs (the study's parts): the estimated time of each and of all, one line each."""
+    rows = []
+    for p in plans:
+        t = p.totals(fps, args.seconds_per_run)
+        rows.append({"sweep": p.spec.name, "runs": t["runs"], "tokens": t["tokens"], "train_flops": t["train_flops"],
+                     "est_minutes": t["est_seconds"] / 60})
+    table = pd.DataFrame(rows)
+    if args.json:
+        print(json.dumps({"parts": rows, "total_minutes": float(table["est_minutes"].sum()),
+                          "flops_per_second": fps, "seconds_per_run": args.seconds_per_run}, indent=2))
+        return 0
+    shown = table.assign(tokens=table["tokens"].map(lambda v: human(v, si=True)),
+                         train_flops=table["train_flops"].map(lambda v: human(v, si=True)),
+                         est_minutes=table["est_minutes"].map(lambda v: f"{v:.1f}"))
+    print(shown.to_string(index=False))
+    print(f"\n{len(plans)} parts, {int(table['runs'].sum())} runs: estimated {table['est_minutes'].sum():.0f} min "
+          f"({table['est_minutes'].sum() / 60:.1f} h) on one worker at {human(fps, si=True)} FLOP/s + "
+          f"{args.seconds_per_run:g} s per run; longest part {table['est_minutes'].max():.0f} min")
+    return 0
+
+
 def _run_run(args: argparse.Namespace) -> int:
-    table = run_sweep(load_spec(args.spec), args.out, _executor_from_args(args),
+    table = run_sweep(load_spec(args.spec, args.scale), args.out, _executor_from_args(args),
                       retry_failed=not args.no_retry_failed, csv=args.csv)
     failed = table[table["status"] == "failed"].drop_duplicates("run_id") if len(table) else table
     for row in failed.itertuples():
@@ -75,7 +113,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     sweep_sub = p.add_subparsers(dest="sweep_command", metavar="plan|run|results", required=True)
 
     pp = sweep_sub.add_parser("plan", help="print the runs of a sweep with their accounting and estimated cost")
-    pp.add_argument("spec", help="sweep YAML (see configs/sweeps/)")
+    pp.add_argument("spec", nargs="+", help="sweep YAML (see configs/sweeps/), or several / a folder of them "
+                    "(e.g. configs/sweeps/study/): then the estimated time per sweep and in all")
+    pp.add_argument("--scale", default=None, choices=["smoke"],
+                    help="apply the spec's `smoke:` overrides (the same experiment in seconds)")
     pp.add_argument("--out", default=DEFAULT_OUT, help=f"sweeps root (default {DEFAULT_OUT})")
     pp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pp.add_argument("--flops-per-second", type=float, default=CPU_FLOPS_PER_SECOND,
@@ -88,6 +129,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     pr = sweep_sub.add_parser("run", help="run a sweep; finished runs are skipped, failed ones retried")
     pr.add_argument("spec", help="sweep YAML (see configs/sweeps/)")
+    pr.add_argument("--scale", default=None, choices=["smoke"], help="apply the spec's `smoke:` overrides")
     pr.add_argument("--out", default=DEFAULT_OUT, help=f"sweeps root (default {DEFAULT_OUT})")
     pr.add_argument("--executor", choices=("local", "ray"), default="local",
                     help="local: in this process or a process pool (default); ray: one Ray task per run")

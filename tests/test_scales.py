@@ -9,7 +9,7 @@ import pytest
 from hiermem import scales
 from hiermem.data.corpus import PRESETS, CorpusConfig
 from hiermem.data.pipeline import DataConfig
-from hiermem.demo import SCALES as DEMO, DemoConfig, knowledge_data, run_demo
+from hiermem.demo import SCALES as DEMO, DemoConfig, run_demo
 from hiermem.notebooks import list_notebooks, notebook_parameters, run_notebook
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,8 @@ def test_notebooks_key_their_per_scale_settings_by_the_accepted_names():
 
 @pytest.mark.parametrize("consumer, refuse", [
     ("demo", lambda name: run_demo(name)),
-    ("demo", lambda name: knowledge_data(name)),
+    ("knowledge", lambda name: DataConfig.knowledge(name)),
+    ("knowledge", lambda name: DataConfig.from_dict({"preset": name, "regime": "knowledge"})),
     ("notebooks", lambda name: run_notebook("chinchilla_check", scale=name)),
     ("data", lambda name: DataConfig.preset(name)),
     ("data", lambda name: CorpusConfig.preset(name)),

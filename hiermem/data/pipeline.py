@@ -63,10 +63,16 @@ class DataConfig(Config):
 
     @classmethod
     def from_dict(cls, data: dict | None, _prefix: str = "") -> "DataConfig":
-        """Also accepts `preset: <name>` (here or under `corpus:`) as a base that other keys override."""
+        """Also accepts `preset: <name>` (here or under `corpus:`) as a base that other keys override, and
+        `regime: knowledge` beside it for the knowledge regime at that scale (`DataConfig.knowledge`)."""
         data = dict(data or {})
+        regime = data.pop("regime", "plain")
+        require(regime in REGIMES, _prefix + "regime", f"one of {list(REGIMES)}", regime)
+        if regime != "plain":
+            require("preset" in data, _prefix + "regime", "a `preset:` (scale) beside it", data)
         if "preset" in data:
-            base = cls.preset(data.pop("preset")).to_dict()
+            name = data.pop("preset")
+            base = (cls.knowledge(name) if regime == "knowledge" else cls.preset(name)).to_dict()
             if isinstance(data.get("corpus"), dict):
                 data["corpus"] = {**base["corpus"], **data["corpus"]}
             if isinstance(data.get("tree"), dict):
@@ -86,6 +92,31 @@ class DataConfig(Config):
                     seq_len=128 if name == "smoke" else 256)
         base.update(overrides)
         return cls(**base)
+
+
+    @classmethod
+    def knowledge(cls, scale: str, root: str = "data", embedder: str = "fast") -> "DataConfig":
+        """The knowledge regime at a scale (smoke, small), over the data preset of that name: subject
+        cards of real relations and a bioS world with log-uniform exposures, 40% of subjects also stated
+        in the probe format, a validation split of probed subjects, an 8-ary (small) tree of depth 2
+        balanced by tokens. Chosen by the pilots of configs/pilots/ on the validation split (README: "The
+        knowledge regime and its pilots"); the demo and the study sweeps (`regime: knowledge`) use it."""
+        check(scale, "knowledge")
+        base = cls.preset(scale, root=root, embedder=embedder)
+        if scale == "small":
+            people, docs, subjects, cloze, exposures = 150, 150, 50, 300, (2, 64)
+        else:
+            people, docs, subjects, cloze, exposures = 60, 150, 12, 30, (1, 6)
+        corpus = base.corpus.replace(
+            fact_layout="subjects", synthetic_people=people, format_fraction=0.4, val_fraction=0.2,
+            exposure_law="loguniform", min_exposures=exposures[0], max_exposures=exposures[1],
+            max_facts_per_relation=subjects, max_docs_per_source=docs, max_windows_per_doc=1, cloze_probes=cloze,
+            heldout_fraction=0.05, vocab_size=4096 if scale == "small" else base.corpus.vocab_size)
+        tree = TreeConfig(branching=8 if scale == "small" else 4, depth=2, balance_by="tokens")
+        return base.replace(corpus=corpus, tree=tree, seq_len=128)
+
+
+REGIMES = ("plain", "knowledge")  # `regime:` in a data config: the preset as is, or DataConfig.knowledge
 
 
 def _hash(*parts) -> str:
