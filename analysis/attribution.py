@@ -426,8 +426,10 @@ def plot_exposure_curve(table: pd.DataFrame, path: str | Path, title: str = "acc
     ax.minorticks_off()
     metric = str(table["metric"].iloc[0])
     label = {"correct": "greedy exact match", "rank_correct": "answer ranked first", "mc_correct": "4-way choice"}
+    import textwrap
     ax.set(xlabel="exposures of the fact in training (median of bucket, log scale)",
-           ylabel=f"accuracy, {label.get(metric, metric)} (%)", ylim=(0, 100), title=title)
+           ylabel=f"accuracy, {label.get(metric, metric)} (%)", ylim=(0, 100))
+    ax.set_title(textwrap.fill(title, 60), fontsize=10)  # wrapped: a long title must not be clipped
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     return save_figure(fig, table, path)

@@ -122,6 +122,9 @@ def run_notebook(name: str, out_dir: str | Path = "results/notebooks", parameter
     check(scale, "notebooks")
     source = notebook_path(name, directory)
     name = source.stem
+    if scale not in notebook_scales(name):
+        raise ValueError(f"notebook {name!r} has no recipe for scale {scale!r}; it runs at: "
+                         f"{', '.join(notebook_scales(name))}")
     out = Path(out_dir).resolve()
     params = {"scale": scale, "out_dir": str(out / name), **dict(parameters or {})}
     Path(params["out_dir"]).mkdir(parents=True, exist_ok=True)
@@ -141,6 +144,15 @@ def run_notebook(name: str, out_dir: str | Path = "results/notebooks", parameter
     return executed
 
 
+NOTEBOOK_SCALES = {"paper_figures": ("smoke", "study")}  # the others: smoke and small
+DEFAULT_SCALES = ("smoke", "small")
+
+
+def notebook_scales(name: str) -> tuple[str, ...]:
+    """The scales notebook `name` has a recipe for."""
+    return NOTEBOOK_SCALES.get(name, DEFAULT_SCALES)
+
+
 def run_all(names: Iterable[str] | None = None, out_dir: str | Path = "results/notebooks",
             parameters: Mapping[str, Any] | None = None, scale: str = "smoke", directory: str | Path = NOTEBOOK_DIR,
             fail_fast: bool = False, log_output: bool = False) -> dict[str, Path | NotebookError]:
@@ -152,7 +164,17 @@ def run_all(names: Iterable[str] | None = None, out_dir: str | Path = "results/n
     before anything runs.
     """
     check(scale, "notebooks")
-    names = [notebook_path(n, directory).stem for n in names] if names is not None else list_notebooks(directory)
+    if names is None:  # every notebook with a recipe at this scale
+        names = [n for n in list_notebooks(directory) if scale in notebook_scales(n)]
+        skipped = [n for n in list_notebooks(directory) if scale not in notebook_scales(n)]
+        if skipped:
+            print(f"[notebooks] scale {scale}: skipping {', '.join(skipped)} (no recipe at this scale)", flush=True)
+    else:
+        names = [notebook_path(n, directory).stem for n in names]
+        for n in names:
+            if scale not in notebook_scales(n):
+                raise ValueError(f"notebook {n!r} has no recipe for scale {scale!r}; it runs at: "
+                                 f"{', '.join(notebook_scales(n))}")
     out: dict[str, Path | NotebookError] = {}
     for name in names:
         started = time.perf_counter()

@@ -2,11 +2,11 @@
 
     smoke   the whole pipeline in seconds to minutes on a CPU: tests, CI, a first look
     small   the CPU study: `make demo` (28 min on 2 cores), the notebooks' real runs, the CPU sweeps' data
+    study   the paper's evaluation experiments at the size 2 CPU cores afford (configs/sweeps/study/)
     full    every installed data source and the largest trees (data presets only)
 
 Names are ordered smallest first. A consumer accepts the names it has a recipe for (`ACCEPTED`) and
-refuses any other in one line that names those (`check`); a new size (e.g. a `study` scale between
-`small` and `full` for notebooks and sweeps) is one entry here plus a recipe in each consumer that
+refuses any other in one line that names those (`check`); a new size is one entry here plus a recipe in each consumer that
 runs it. The README's "Scales" table is this one.
 """
 
@@ -15,18 +15,20 @@ from __future__ import annotations
 SCALES: dict[str, str] = {
     "smoke": "the whole pipeline in seconds to minutes on a CPU: tests, CI, a first look",
     "small": "the CPU study: `make demo` (28 min on 2 cores), the notebooks' real runs, the CPU sweeps' data",
+    "study": "the paper's evaluation at the size 2 CPU cores afford: configs/sweeps/study/ (about 3.5 h)",
     "full": "every installed data source and the largest trees (data presets only)",
 }
 
 # consumer -> the scales it has a recipe for (each a subset of SCALES, in its order)
 ACCEPTED: dict[str, tuple[str, ...]] = {
     "demo": ("smoke", "small"),       # hiermem.demo.SCALES: DemoConfig recipes
-    "notebooks": ("smoke", "small"),  # the notebooks' `scale` parameter
+    "notebooks": ("smoke", "small", "study"),  # the notebooks' `scale` parameter (each notebook: NOTEBOOK_SCALES)
     "data": ("smoke", "small", "full"),  # DataConfig.preset / CorpusConfig.preset
     "knowledge": ("smoke", "small"),  # DataConfig.knowledge (`regime: knowledge` in a data config)
+    "study": ("smoke", "study"),  # hiermem.study: the study's sweeps as written or their smoke versions
 }
 LABELS = {"demo": "hiermem demo", "notebooks": "the notebooks", "data": "the data presets",
-          "knowledge": "the knowledge regime"}
+          "knowledge": "the knowledge regime", "study": "the study"}
 
 
 def accepted(consumer: str) -> tuple[str, ...]:

@@ -1,6 +1,7 @@
 """Notebooks: committed clean with a parameters cell, and executed end to end by papermill at smoke scale."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from hiermem.demo import RUNS
 from hiermem.notebooks import (NOTEBOOK_DIR, NotebookError, attempt, check_notebook, check_notebooks, list_notebooks,
                                notebook_parameters, run_notebook, strip_outputs)
 
-EXPECTED = {"chinchilla_check", "knowledge_attribution", "scaling_memory", "scaling_depth_anchor"}
+EXPECTED = {"chinchilla_check", "knowledge_attribution", "scaling_memory", "scaling_depth_anchor", "paper_figures"}
 CHINCHILLA = Path(__file__).resolve().parents[1] / "analysis" / "reference" / "chinchilla_svg_extracted.csv"
 
 
@@ -282,3 +283,44 @@ def test_notebooks_read_nothing_outside_the_repository():
             if cell.cell_type == "code":
                 for bad in ("../", "..\\", "\"/", "'/", "~/", "shared/", "expanduser", "HOME"):
                     assert bad not in cell.source, (name, bad, cell.source)
+
+
+# ------------------------------------------------------------------------------ the paper's figures (smoke study)
+PAPER_FIGURES = ("figure1_middle_longtail", "figure1_right_exposures", "figure3ab_memory_type", "figure3cd_depth_bank",
+                 "figure4a_hierarchy", "figure4b_ratio", "table9_placement", "figure6b_blocking", "figure_k_equivalence")
+
+
+def test_paper_figures_notebook_at_smoke_scale(tmp_path):
+    """Every study part at smoke size (seconds per run), every figure with its CSV, the claims table with one
+    verdict per claim by the stated rule, and the generated README; a second run reuses every run."""
+    from analysis.paper_claims import CLAIMS, VERDICTS
+    params = {"data_root": str(tmp_path / "data"), "sweeps_dir": str(tmp_path / "sweeps")}
+    executed = run_notebook("paper_figures", tmp_path, parameters=params)
+    out = tmp_path / "paper_figures"
+    _executed_ok(executed, out)
+    _files(out, "claims.csv", "README.md", "tables/runs.csv", *(f"{f}.png" for f in PAPER_FIGURES),
+           *(f"{f}.csv" for f in PAPER_FIGURES))
+    claims = pd.read_csv(out / "claims.csv")
+    assert list(claims["claim"]) == [c.claim for c in CLAIMS] and set(claims["verdict"]) <= set(VERDICTS)
+    undetermined = claims[claims["verdict"] == "undetermined"]
+    assert (undetermined["note"].notna() | undetermined["ci_low"].notna()).all()  # each says why or shows its CI
+    readme = (out / "README.md").read_text()
+    assert "hiermem notebooks run paper_figures --scale smoke" in readme
+    assert all(f"({f}.png)" in readme for f in PAPER_FIGURES)
+    curve = pd.read_csv(out / "figure6b_blocking.csv")
+    assert {"drop", "reroute"} <= set(curve["policy"]) and curve["fraction"].max() == 0.5
+    runs = pd.read_csv(out / "tables" / "runs.csv")
+    assert set(runs["sweep"]) == {"longtail", "memory_type", "depth_bank", "hierarchy", "ratio", "placement",
+                                  "blocking", "dense_ladder"}
+    again = run_notebook("paper_figures", tmp_path / "again", parameters=params)
+    to_run = re.findall(r"(\d+) to run on", again.read_text())
+    assert len(to_run) == 8 and set(to_run) == {"0"}  # every part's runs were reused
+
+
+def test_a_scale_a_notebook_has_no_recipe_for_is_refused_or_skipped(capsys):
+    from hiermem.notebooks import notebook_scales, run_all
+    assert notebook_scales("paper_figures") == ("smoke", "study") and notebook_scales("scaling_memory") == ("smoke", "small")
+    with pytest.raises(ValueError, match="notebook 'chinchilla_check' has no recipe for scale 'study'; it runs at: smoke, small"):
+        run_notebook("chinchilla_check", scale="study")
+    with pytest.raises(ValueError, match="notebook 'paper_figures' has no recipe for scale 'small'"):
+        run_all(["paper_figures"], scale="small")

@@ -38,11 +38,12 @@ def test_every_part_plans_in_the_knowledge_regime(scale):
             assert cfg.data.corpus.fact_layout == "subjects" and cfg.data.corpus.exposure_law == "loguniform", part
 
 
-def test_memory_types_fetch_equal_parameters_at_three_sizes():
-    mem = _table("memory_type").query("role == 'memory'")
+@pytest.mark.parametrize("scale, n_sizes", [(None, 3), ("smoke", 1)])
+def test_memory_types_fetch_equal_parameters_at_three_sizes(scale, n_sizes):
+    mem = _table("memory_type", scale).query("role == 'memory'")
     assert set(mem["type"]) == {"ffn", "lora-ffn", "lora-qk", "lora-vo", "kv"}
     sizes = mem.groupby("fetched_params")["type"].apply(set)
-    assert len(sizes) >= 3 and all(types == set(mem["type"]) for types in sizes)
+    assert len(sizes) == n_sizes and all(types == set(mem["type"]) for types in sizes)
     assert (mem["multipliers"].map(lambda m: m[0]) == 0).all()  # single level: the leaves
 
 
