@@ -338,6 +338,11 @@ def _panels(n: int, width: float = 4.2, height: float = 3.6, max_cols: int = 3, 
     return fig, list(axes[:n])
 
 
+def _metric_label(data: pd.DataFrame) -> str:
+    from .plots import axis_label
+    return axis_label(str(data["metric"].iloc[0]))
+
+
 def _points_with_ci(data: pd.DataFrame, path: str | Path, *, x: str, y: str, hue: str, x_order: list[str],
                     ylabel: str, title: str, zero_line: bool = False, connect: bool = True):
     """One panel per run: `y` against categorical `x` with lo/hi error bars, one series per `hue`
@@ -378,7 +383,7 @@ def plot_accuracy_by_frequency(table: pd.DataFrame, path: str | Path, modes: Seq
     if data.empty:
         raise ValueError(f"no rows for modes {modes}")
     return _points_with_ci(data.reset_index(drop=True), path, x="bucket", y="mean", hue="mode",
-                           x_order=bucket_order(data["bucket"]), ylabel=str(data["metric"].iloc[0]),
+                           x_order=bucket_order(data["bucket"]), ylabel=f"{_metric_label(data)} (share of probes)",
                            title="accuracy by exposure bucket (95% CI)")
 
 
@@ -438,7 +443,7 @@ def plot_exposure_curve(table: pd.DataFrame, path: str | Path, title: str = "acc
 def plot_blocking(table: pd.DataFrame, path: str | Path):
     """`blocking_effect` per run: routed, blocked, wrong and oracle paths (and no memory) by bucket."""
     return _points_with_ci(table.reset_index(drop=True), path, x="bucket", y="mean", hue="mode",
-                           x_order=bucket_order(table["bucket"]), ylabel=str(table["metric"].iloc[0]),
+                           x_order=bucket_order(table["bucket"]), ylabel=f"{_metric_label(table)} (share of probes)",
                            title="memory paths: routed, blocked subtree, wrong, oracle (95% CI)")
 
 
@@ -453,7 +458,8 @@ def plot_memory_gain(gains: pd.DataFrame, path: str | Path, by: str = "bucket"):
     data = gains[gains["by"].isin([by, "all"])].reset_index(drop=True)
     order = _key_order(data, by)
     return _points_with_ci(data, path, x="key", y="gain", hue="baseline", x_order=order,
-                           ylabel=f"gain in {data['metric'].iloc[0]}", zero_line=True, connect=False,
+                           ylabel=f"gain in {_metric_label(data)} (difference in share of probes)",
+                           zero_line=True, connect=False,
                            title="fetched memory minus baseline (bootstrap 95% CI)")
 
 
@@ -463,7 +469,8 @@ def plot_level_contribution(table: pd.DataFrame, path: str | Path, by: str = "bu
     data = data.assign(series=data["level"].map(lambda l: f"level {l}"))
     order = _key_order(data, by)
     return _points_with_ci(data, path, x="key", y="drop", hue="series", x_order=order,
-                           ylabel=f"drop in {data['metric'].iloc[0]}", zero_line=True, connect=False,
+                           ylabel=f"drop in {_metric_label(data)} (difference in share of probes)",
+                           zero_line=True, connect=False,
                            title="contribution of each memory level (bootstrap 95% CI)")
 
 
@@ -500,7 +507,7 @@ def plot_against_size(runs: pd.DataFrame, path: str | Path, x: str = "fetched_pa
     are left out; metrics the table lacks or holds only NaN for are skipped."""
     import seaborn as sns
 
-    from .plots import hue_map, save_figure
+    from .plots import axis_label, hue_map, save_figure
     data = runs[runs[x] > 0].reset_index(drop=True)
     metrics = [m for m in y if m in data and data[m].notna().any()]
     if data.empty or not metrics:
@@ -513,6 +520,8 @@ def plot_against_size(runs: pd.DataFrame, path: str | Path, x: str = "fetched_pa
     for ax, metric in zip(axes, metrics):
         sns.lineplot(data=data, x=x, y=metric, marker="o", ax=ax, estimator=None, sort=True,
                      **({"units": hue_kw["hue"]} if hue else {}), **hue_kw)
-        ax.set(xscale="log", xlabel=x, ylabel=metric, title=metric)
-    fig.suptitle(f"per-run metrics against {x}", fontsize=10)
+        ax.set(xscale="log", xlabel=f"{axis_label(x)} (log scale)", ylabel=axis_label(metric), title=axis_label(metric))
+        if ax.get_legend() is not None and hue:
+            ax.get_legend().set_title(axis_label(hue))
+    fig.suptitle(f"per-run metrics against {axis_label(x)}", fontsize=10)
     return save_figure(fig, data, path)

@@ -110,12 +110,13 @@ def longtail_table(probes: pd.DataFrame, runs: pd.DataFrame, n_boot: int = 1000)
     (A3) and co-trained (A2) memory models with fetched memory, the from-scratch one (A4) and the dense
     control of the same total tokens, with CIs."""
     part = runs[runs["sweep"] == "longtail"]
+    stage = part.get("cfg.stage", pd.Series("", index=part.index))
     rows = []
     for mode, label, select in (
             ("none", "anchor (no memory)", part["role"] == "anchor"),
-            ("fetched", "A3 frozen + memory", part.get("cfg.stage", pd.Series("", index=part.index)) == "memory-frozen"),
-            ("fetched", "A2 co-trained + memory", part.get("cfg.stage", pd.Series("", index=part.index)) == "memory-cotrain"),
-            ("fetched", "A4 from scratch + memory", part.get("cfg.stage", pd.Series("", index=part.index)) == "memory-scratch"),
+            ("fetched", "A3 frozen + memory", stage == "memory-frozen"),
+            ("fetched", "A2 co-trained + memory", stage == "memory-cotrain"),
+            ("fetched", "A4 from scratch + memory", stage == "memory-scratch"),
             ("none", "dense, same total tokens", part["role"] == "dense")):
         chosen = part[select]
         if chosen.empty:
@@ -158,7 +159,8 @@ def blocking_table(curve: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd
     rows are the unblocked fetched memory and no memory (as references)."""
     if curve.empty:
         return pd.DataFrame(columns=["fraction", "policy", "avg_sk", "lo", "hi"])
-    keyed = curve.assign(run=[f"{p or m}@{f:g}" for p, m, f in zip(curve["policy"], curve["mode"], curve["fraction"])])
+    keys = [f"{p or m}@{f:g}" for p, m, f in zip(curve["policy"], curve["mode"], curve["fraction"])]
+    keyed = curve.assign(run=keys)
     table = Table(keyed, "correct", n_boot, seed)
     sk = table.group == "SK"
     rows = []

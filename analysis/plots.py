@@ -63,6 +63,27 @@ def save_figure(fig: Figure, data: pd.DataFrame, path: str | Path, dpi: int = 13
     return PlotFiles(png=png, csv=csv, figure=fig)
 
 
+# Axis and legend labels with units for the columns the figures plot (never a raw column name on a figure).
+LABELS = {
+    "fetched_params": "fetched memory parameters", "bank_params": "memory bank parameters",
+    "anchor_params": "anchor parameters", "runtime_params": "runtime parameters (anchor + fetched)",
+    "total_tokens": "training tokens (anchor + memory stage)", "tokens": "training tokens (this stage)",
+    "loss": "held-out loss (nats per token)", "ppl": "held-out perplexity", "avg_sk": "Avg-SK (%, greedy exact match)",
+    "avg_ck": "Avg-CK (%, greedy exact match)", "avg_sk_rank": "Avg-SK (%, answer ranked first)",
+    "correct": "greedy exact match", "rank_correct": "answer ranked first", "mc_correct": "4-way multiple choice",
+    "cfg.memory.branching": "branching factor k", "cfg.data.tree.branching": "branching factor k",
+    "cfg.data.tree.depth": "tree depth", "cfg.memory.type": "memory type", "cfg.memory.placement": "memory placement",
+    "cfg.memory.multipliers": "memory units per level (r1, r2, ...)", "memory_level": "memory level",
+    "N": "anchor parameters N", "D": "training tokens D", "F": "fetched memory parameters F", "M": "bank parameters M",
+}
+
+
+def axis_label(column: str) -> str:
+    """The human-readable label (with units) of a plotted column; unknown ones lose their `cfg.` prefix,
+    dots and underscores."""
+    return LABELS.get(column, column.removeprefix("cfg.").replace(".", " ").replace("_", " "))
+
+
 def hue_map(data: pd.DataFrame, column: str | None, max_levels: int = 8) -> dict:
     """Seaborn hue arguments for a column: few numeric values become ordered, readable
     categories ('1e+09'); many become a continuous viridis scale (log-normed if positive)."""
@@ -93,7 +114,8 @@ def plot_fit(result: FitResult, path: str | Path) -> PlotFiles:
     hue = hue_map(data, second)
     sns.scatterplot(data=data, x=first, y="observed", style="set", ax=ax, **hue)
     ax.scatter(data[first], data["predicted"], marker="x", s=14, color="black", label="fit", linewidths=0.8)
-    ax.set(xscale="log", xlabel=f"{first} ({result.x[first]})", ylabel=result.y_name,
+    ax.set(xscale="log", xlabel=f"{axis_label(first)} ({axis_label(result.x[first])}, log scale)",
+           ylabel=axis_label(result.y_name),
            title=f"{result.form.name}: {result.form.formula}")
     ax.legend(fontsize=7)
     sns.scatterplot(data=data, x="predicted", y="log_residual", hue="set", ax=ax_res, legend=False)
@@ -147,7 +169,7 @@ def plot_isoflop(view: IsoFlopView, path: str | Path) -> PlotFiles:
         if not opt.empty:
             ax.scatter(opt["params"], opt["loss"], marker=marker, s=60, color="black", label=name, zorder=5)
     lo, hi = runs["loss"].min(), runs["loss"].max()
-    ax.set(xscale="log", xlabel="parameters", ylabel="loss", title="IsoFLOP profiles (dashed: parabola, solid: law)",
+    ax.set(xscale="log", xlabel="parameters (log scale)", ylabel=LABELS["loss"], title="IsoFLOP profiles (dashed: parabola, solid: law)",
            ylim=(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo)))
     ax.legend(fontsize=7, title="budget (FLOPs)")
     return save_figure(fig, data, path)
@@ -176,7 +198,8 @@ def plot_iso_runtime(view: pd.DataFrame, path: str | Path, hue: str | None = Non
         ax.vlines(mem["runtime_params"], mem["loss"], mem["dense_loss_at_runtime"], color="tab:red", lw=0.8,
                   label="gain over dense law at equal runtime params", zorder=2)
         ax.scatter(mem["runtime_params"], mem["dense_loss_at_runtime"], marker="_", s=80, color="tab:red", zorder=2)
-    ax.set(xscale="log", xlabel="runtime parameters (anchor + fetched)", ylabel="loss", title="iso-runtime parameters")
+    ax.set(xscale="log", xlabel="runtime parameters (anchor + fetched, log scale)", ylabel=LABELS["loss"],
+           title="iso-runtime parameters")
     ax.legend(fontsize=7)
     return save_figure(fig, data, path)
 
