@@ -54,7 +54,7 @@ def test_help_texts_list_every_accepted_choice():
         text = _help(*argv)
         assert all(name in text for name in ("fast", "minilm", "tfidf")), argv
     assert "{smoke,small,full}" in _help("data", "build") and "{smoke,small}" in _help("data", "build")
-    assert "{smoke,small}" in _help("demo") and "{smoke,small}" in _help("notebooks", "run")
+    assert "{smoke,small}" in _help("demo") and "{smoke,small,study}" in _help("notebooks", "run")
     assert "--fail-fast" in _help("notebooks", "run") and "--keep-going" not in _help("notebooks", "run")
 
 

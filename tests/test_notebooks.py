@@ -268,7 +268,7 @@ def test_run_all_returns_every_outcome_and_refuses_unknown_names_before_running(
 def test_an_unknown_scale_is_refused_naming_the_accepted_ones(capsys):
     from hiermem.notebooks import run_all
     for call in (lambda: run_notebook("chinchilla_check", scale="default"), lambda: run_all(scale="huge")):
-        with pytest.raises(ValueError, match=r"^unknown scale '\w+' for the notebooks; accepted: smoke, small$"):
+        with pytest.raises(ValueError, match=r"^unknown scale '\w+' for the notebooks; accepted: smoke, small, study$"):
             call()
     with pytest.raises(SystemExit):
         main(["notebooks", "run", "--scale", "default"])
