@@ -278,7 +278,7 @@ def forget_study(run_dirs: Mapping[str, str | Path], out_dir: str | Path, n_subj
 
 
 def learn_study(run_dirs: Mapping[str, str | Path], out_dir: str | Path, n_facts: int = 6, docs_per_subject: int = 4,
-                steps: int = 150, lr: float = 1e-2, levels: str = "leaf",
+                steps: int = 150, lr: float = 1e-2, levels: str = "leaf", replay: float = 0.5,
                 models: Sequence[tuple[str, str]] = STUDY_MODELS, data: DataBundle | None = None,
                 cfg: EvalConfig | None = None, n_boot: int = 1000) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Teach each memory run of the demo `n_facts` invented people (`invent_facts`: documents under
@@ -295,10 +295,11 @@ def learn_study(run_dirs: Mapping[str, str | Path], out_dir: str | Path, n_facts
         if name not in run_dirs:
             continue
         out = Path(out_dir) / f"{name}-learn"
-        same = RunDir(out).is_finished and sorted(d["name"] for d in edit_record(out).get("documents", [])
-                                                  ) == sorted(n for n, _ in docs)
+        record = edit_record(out) if RunDir(out).is_finished else {}
+        same = (sorted(d["name"] for d in record.get("documents", [])) == sorted(n for n, _ in docs)
+                and (record.get("steps"), record.get("lr"), record.get("replay")) == (steps, lr, replay))
         pairs[label] = (run_dirs[name], _edited(out, same, lambda: learn(run_dirs[name], folder, out, steps=steps,
-                                                                             lr=lr, levels=levels)))
+                                                                             lr=lr, levels=levels, replay=replay)))
         summary, _ = probe_change_table(run_dirs[name], out, data=data, cfg=cfg, n_boot=n_boot)
         others.append(summary.assign(model=label))
     return learned_fact_table(pairs, probes, data=data, cfg=cfg), pd.concat(others, ignore_index=True)
@@ -372,7 +373,7 @@ def _run_forget(args: argparse.Namespace) -> int:
 
 def _run_learn(args: argparse.Namespace) -> int:
     out = learn(args.run_dir, args.docs, args.out, steps=args.steps, lr=args.lr, levels=args.levels,
-                batch_size=args.batch_size)
+                batch_size=args.batch_size, replay=args.replay)
     record = edit_record(out)
     print(f"wrote {out}: trained {len(record['nodes'])} block(s) at level(s) {record['levels']} on "
           f"{len(record['documents'])} document(s), loss {record['loss_first']:.3f} -> {record['loss_last']:.3f}")
@@ -411,6 +412,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--lr", type=float, default=1e-2, help="peak learning rate, cosine to lr/10 (default 1e-2)")
     q.add_argument("--levels", default="leaf", help="leaf (default) | all | comma list of levels, e.g. 1,2")
     q.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16)")
+    q.add_argument("--replay", type=float, default=0.5,
+                   help="share of each batch replayed from the run's own documents on the learned blocks "
+                        "(default 0.5; 0: only the new documents, which overwrites what those blocks held)")
     q.add_argument("--probes", default=None, help="CSV (prompt, answer[, relation, documents]): score the new facts")
     q.add_argument("--check-others", action="store_true", help="score the run's own probes before and after")
     q.set_defaults(func=_run_learn)

@@ -191,3 +191,18 @@ def test_bad_learn_input_is_refused_naming_it(memory_run, pretrained_anchor, tmp
         learn(pretrained_anchor, tmp_path / "docs", tmp_path / "o")
     assert not (tmp_path / "o").exists()
     shutil.rmtree(bad)
+
+
+def test_learn_with_replay_trains_the_same_blocks_on_new_and_own_documents(memory_run, data, tmp_path):
+    """Bug caught: replayed documents that reach other blocks (their rows would change: refused by the
+    check before saving), or a replay share that is not applied to the batches."""
+    docs, _ = invent_facts(2, docs_per_subject=2)
+    out = learn(memory_run, docs, tmp_path / "replayed", steps=20, lr=0.05, replay=0.5, data=data)
+    record = edit_record(out)
+    assert record["replay"] == 0.5 and record["replay_sequences_per_batch"] == 8
+    src, new = RunDir(memory_run).final, RunDir(out).final
+    learned = {n["node"] for n in record["nodes"]}
+    changed = torch.nonzero((_blocks(src, 2) != _blocks(new, 2)).any(dim=1)).flatten().tolist()
+    assert changed and set(changed) <= learned
+    with pytest.raises(ValueError, match=r"replay must be a share in \[0, 1\), got 1.0"):
+        learn(memory_run, docs, tmp_path / "bad", replay=1.0, data=data)
