@@ -24,6 +24,14 @@ TYPE_ORDER = ("ffn", "lora-ffn", "lora-qk", "lora-vo", "kv")
 PLACEMENT_ORDER = ("early", "middle", "late", "uniform")
 
 
+def _avg_sk(table: Table, run: str, mode: str) -> dict:
+    """Avg-SK of one (run, mode) of `table` with its bootstrap 95% CI: {avg_sk, lo, hi}."""
+    sk = table.group == "SK"
+    x, b = table.series(run, mode)
+    lo, hi = np.nanpercentile(table.macro(b, sk), [2.5, 97.5])
+    return {"avg_sk": float(table.macro(x, sk)), "lo": float(lo), "hi": float(hi)}
+
+
 def avg_sk_by_run(probes: pd.DataFrame, runs: pd.DataFrame, mode: str = "fetched", metric: str = "correct",
                   n_boot: int = 1000, seed: int = 0, sweep: str | None = None) -> pd.DataFrame:
     """Avg-SK with its bootstrap 95% CI per run in `mode` (memory runs) or `none` (runs without memory),
@@ -33,16 +41,12 @@ def avg_sk_by_run(probes: pd.DataFrame, runs: pd.DataFrame, mode: str = "fetched
         return part.drop(columns=[c for c in ("avg_sk", "lo", "hi", "mode") if c in part]).assign(
             avg_sk=[], lo=[], hi=[], mode=[])
     table = Table(probes[probes["run"].isin(part["run"])], metric, n_boot, seed)
-    sk = table.group == "SK"
     rows = []
     for r in part.itertuples(index=False):
         memory = getattr(r, "fetched_params", 0) and getattr(r, "fetched_params", 0) > 0
         m = mode if memory else "none"
-        if not table.has(r.run, m):
-            continue
-        x, b = table.series(r.run, m)
-        lo, hi = np.nanpercentile(table.macro(b, sk), [2.5, 97.5])
-        rows.append({"run": r.run, "mode": m, "avg_sk": float(table.macro(x, sk)), "lo": float(lo), "hi": float(hi)})
+        if table.has(r.run, m):
+            rows.append({"run": r.run, "mode": m, **_avg_sk(table, r.run, m)})
     descriptors = part.drop(columns=[c for c in ("avg_sk", "lo", "hi", "mode") if c in part])
     if not rows:
         return descriptors.iloc[:0].assign(avg_sk=[], lo=[], hi=[], mode=[])
@@ -162,14 +166,11 @@ def blocking_table(curve: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd
     keys = [f"{p or m}@{f:g}" for p, m, f in zip(curve["policy"], curve["mode"], curve["fraction"])]
     keyed = curve.assign(run=keys)
     table = Table(keyed, "correct", n_boot, seed)
-    sk = table.group == "SK"
     rows = []
     for (run, mode), group in keyed.groupby(["run", "mode"]):
-        x, b = table.series(run, mode)
-        lo, hi = np.nanpercentile(table.macro(b, sk), [2.5, 97.5])
         first = group.iloc[0]
         rows.append({"fraction": float(first["fraction"]), "policy": first["policy"] or MODE_LABELS.get(mode, mode),
-                     "avg_sk": float(table.macro(x, sk)), "lo": float(lo), "hi": float(hi)})
+                     **_avg_sk(table, run, mode)})
     return pd.DataFrame(rows).sort_values(["policy", "fraction"]).reset_index(drop=True)
 
 

@@ -312,6 +312,13 @@ def test_paper_figures_notebook_at_smoke_scale(tmp_path):
     runs = pd.read_csv(out / "tables" / "runs.csv")
     assert set(runs["sweep"]) == {"longtail", "memory_type", "depth_bank", "hierarchy", "ratio", "placement",
                                   "blocking", "dense_ladder"}
+    # a plotted Avg-SK equals the macro average over relations of the run's own SK probe scores
+    # (bug caught: a figure scoring the wrong mode, run or averaging)
+    plotted = pd.read_csv(out / "figure3ab_memory_type.csv").query("mode == 'fetched'").iloc[0]
+    run_dir = runs.loc[runs["run"] == plotted["run"], "run_dir"].iloc[0]
+    probe_table = pd.read_parquet(Path(run_dir) / "eval" / "probe_results.parquet")
+    sk = probe_table[(probe_table["mode"] == plotted["mode"]) & (probe_table["group"] == "SK")]
+    assert plotted["avg_sk"] == pytest.approx(100 * sk.groupby("relation")["correct"].mean().mean())
     again = run_notebook("paper_figures", tmp_path / "again", parameters=params)
     to_run = re.findall(r"(\d+) to run on", again.read_text())
     assert len(to_run) == 8 and set(to_run) == {"0"}  # every part's runs were reused
