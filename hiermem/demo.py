@@ -1,4 +1,4 @@
-"""`hiermem demo`: the main end-to-end job, 28 minutes on 2 CPU cores (1,677 s measured, `make` included);
+"""`hiermem demo`: the main end-to-end job, 10 minutes on 2 CPU cores (598 s measured);
 its claims table says whether the paper's findings show.
 
 1. builds the knowledge data: Wikipedia leads and Factbook sections (common text), subject cards of
@@ -206,7 +206,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the main end-to-end job (data, anchor, memories, controls, eval, claims)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", default="small", choices=SCALE_NAMES,
-                   help="small (default): the main job, 28 min on 2 cores; smoke: the same pipeline in about a minute")
+                   help="small (default): the main job, 10 min on 2 cores; smoke: the same pipeline in about a minute")
     p.add_argument("--config", default=None, help="a DemoConfig YAML (e.g. configs/pilots/*.yaml); overrides --scale")
     p.add_argument("--data-root", default=None, help="data cache folder (default: data)")
     p.add_argument("--runs-dir", default="runs/demo", help="run directories, one per model (default: runs/demo)")

@@ -37,10 +37,11 @@ from hiermem.data.pipeline import DataBundle, build_data
 from hiermem.diagnostics import majority_path, routing_diagnostics, summarize_routing
 from hiermem.edit import forgetting_from_evaluations
 from hiermem.io import atomic_path, atomic_write_text
+from hiermem.kernels import keep_freed_memory
 from hiermem.model import HierMemLM
 from hiermem.modes import (BASE_MODES, Blocking, EvalMode, Rows, check_mode_name, choose_blocked_nodes,
                            mode_names)
-from hiermem.probing import answer_matches, candidate_logprobs, document_nll, greedy_generate
+from hiermem.probing import answer_matches, candidate_logprobs, document_nll, greedy_generate, merge_choices
 from hiermem.rundir import RunDir
 from hiermem.train import TrainConfig, device_for
 
@@ -169,12 +170,26 @@ def score_probes(model: HierMemLM, data: DataBundle, probes: pd.DataFrame, cfg: 
     rows = rows or probe_rows(data, probes)
     mode_objects = eval_modes(model, data, cfg, modes, probes)
 
+    choices = {mode: mode_objects[mode].choose(rows) for mode in modes}
+    if model.fast:  # each distinct (probe, memory) pair of all modes scored once, in shared batches
+        merged = merge_choices(choices, len(probes), model.bank.cfg.depth if model.bank is not None else 0)
+        unique_prompts = [prompts[i] for i in merged.row]
+        unique_texts = tok.decode_batch(greedy_generate(model, unique_prompts, merged.choice, list(budgets[merged.row]),
+                                                        data.pad_id, cfg.batch_size))
+        unique_scores = candidate_logprobs(model, unique_prompts, [cand_ids[i] for i in merged.row], merged.choice,
+                                           data.pad_id, max(1, cfg.batch_size // 2))
+        scored = {mode: ([unique_texts[j] for j in merged.where[mode]], [unique_scores[j] for j in merged.where[mode]])
+                  for mode in modes}
+    else:  # the plain path: every mode on its own
+        scored = {}
+        for mode, memory in choices.items():
+            generated = greedy_generate(model, prompts, memory, list(budgets), data.pad_id, cfg.batch_size)
+            scored[mode] = (tok.decode_batch(generated), candidate_logprobs(
+                model, prompts, cand_ids, memory, data.pad_id, max(1, cfg.batch_size // 2)))
     frames = []
     for mode in modes:
-        memory = mode_objects[mode].choose(rows)
-        generated = greedy_generate(model, prompts, memory, list(budgets), data.pad_id, cfg.batch_size)
-        texts = tok.decode_batch(generated)
-        scores = candidate_logprobs(model, prompts, cand_ids, memory, data.pad_id, max(1, cfg.batch_size // 2))
+        memory = choices[mode]
+        texts, scores = scored[mode]
         frame = probes[["probe_id", "relation", "subject", "group", "bucket", "exposures", "split"]].copy()
         frame["mode"] = mode
         frame["generated"] = texts
@@ -209,8 +224,17 @@ def heldout_perplexity(model: HierMemLM, data: DataBundle, cfg: EvalConfig, mode
         docs = [data.doc_tokens[i] for i in chosen]
         paths = data.doc_paths[chosen]
         doc_rows = Rows(routed=paths, oracle=paths, vectors=np.asarray(vectors[chosen]))
+        choices = {mode: mode_objects[mode].choose(doc_rows) for mode in modes}
+        if model.fast:  # each distinct (document, memory) pair of all modes once
+            merged = merge_choices(choices, len(docs), model.bank.cfg.depth if model.bank is not None else 0)
+            unique_nll, unique_counts = document_nll(model, [docs[i] for i in merged.row], merged.choice,
+                                                     data.pad_id, batch_size=cfg.batch_size)
+            per_mode = {mode: (unique_nll[merged.where[mode]], unique_counts[merged.where[mode]]) for mode in modes}
+        else:
+            per_mode = {mode: document_nll(model, docs, choice, data.pad_id, batch_size=16)
+                        for mode, choice in choices.items()}
         for mode in modes:
-            nll, counts = document_nll(model, docs, mode_objects[mode].choose(doc_rows), data.pad_id, batch_size=16)
+            nll, counts = per_mode[mode]
             total = int(counts.sum())
             mean = float(nll.sum() / max(total, 1))
             rows.append({"source": source, "mode": mode, "docs": len(docs), "tokens": total, "nll": mean,
@@ -272,12 +296,14 @@ def summarize(results: pd.DataFrame, perplexity: pd.DataFrame, model_name: str) 
 
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, progress: bool = False,
-                 reuse: bool = False, data: DataBundle | None = None) -> pd.DataFrame:
+                 reuse: bool = False, data: DataBundle | None = None, fast: bool = True) -> pd.DataFrame:
     """Evaluate a finished run; writes RUN_DIR/eval/*.{parquet,csv} atomically and returns the summary.
 
     reuse: return the existing summary when RUN_DIR/eval was written with the same EvalConfig after
     the final checkpoint (so re-running a pipeline does not re-evaluate). data: the run's built data
-    bundle (built here when None).
+    bundle (built here when None). fast: the fast paths (`HierMemLM.fast`: each distinct probe-memory
+    pair of all modes scored once, the head and cross-entropy in chunks); False gives the plain path,
+    with the same scores (bench/eval_time.py times both).
     """
     cfg = cfg or EvalConfig()
     run = RunDir.open(run_dir)
@@ -288,7 +314,9 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, progress: b
         if same and fresh:
             return run.eval_table("summary")
     train_cfg = TrainConfig.load(run.config_path)
+    keep_freed_memory()  # large activations stay in the heap between batches (hiermem.kernels)
     model = load_model(final).to(device_for(cfg.device)).eval()
+    model.fast = fast
     data = build_data(train_cfg.data, progress=progress) if data is None else data
     modes = available_modes(model, cfg)
     ppl_modes = modes if "all" in cfg.perplexity_modes else [m for m in cfg.perplexity_modes if m in modes]

@@ -298,8 +298,7 @@ class Explorer:
         """Per evaluated probe, the prompt tokens `hiermem eval` kept (generating, scoring).
 
         A prompt longer than the model's context is cut to max_seq_len minus the longest generation budget
-        (or candidate answer) of its evaluation batch, so a long prompt's numbers depend on its batch;
-        replaying the evaluation's batching gives the same cut here."""
+        (or candidate answer) of the evaluation's probes; the same cut here gives the same numbers."""
         probes, cfg, tok = self.evaluated_probes, self.eval_cfg, self.data.tokenizer
         if probes.empty:
             return {}
@@ -310,17 +309,9 @@ class Explorer:
         answers = probes["answer"].astype(str)
         longest = pd.Series([length[a] for a in answers]).groupby(probes["relation"].to_numpy()).transform("max")
         budgets = np.minimum(cfg.max_new_tokens, longest.to_numpy() + 1)
-        generate, score = np.zeros(len(probes), dtype=np.int64), np.zeros(len(probes), dtype=np.int64)
-        order = np.argsort(budgets, kind="stable")
-        for start in range(0, len(order), cfg.batch_size):  # as greedy_generate batches
-            index = order[start:start + cfg.batch_size]
-            generate[index] = max_len - int(budgets[index].max())
-        order = np.argsort([len(c) for c in candidates], kind="stable")
-        step = max(1, cfg.batch_size // 2)
-        for start in range(0, len(order), step):  # as candidate_logprobs batches
-            index = order[start:start + step]
-            score[index] = max_len - max(length[a] for i in index for a in candidates[i])
-        return {pid: (int(g), int(c)) for pid, g, c in zip(probes["probe_id"], generate, score)}
+        generate = max_len - int(budgets.max())  # as greedy_generate and candidate_logprobs cut
+        score = max_len - max(length[a] for c in candidates for a in c)
+        return {pid: (generate, score) for pid in probes["probe_id"]}
 
     def _prompt_ids(self, prompt: str, scoring: bool) -> list[int]:
         ids = self._ids(prompt)

@@ -62,13 +62,20 @@ class ActiveRows:
 
 @dataclasses.dataclass
 class FetchedMemory:
-    """Per-sequence memory, ready for the anchor: tensors[name] is (n_mem_layers, B, R, width)."""
+    """Per-sequence memory, ready for the anchor: tensors[name] is (n_mem_layers, B, R, width).
+
+    The tensors may be strided views of the fetched rows (`MemoryBank.fast`): batched matmuls take
+    them as they are."""
 
     tensors: dict[str, torch.Tensor]
     unit_mask: torch.Tensor | None  # (B, R) bool, False where a unit is blocked; None if none blocked
     layer_slot: dict[int, int]       # anchor layer index -> index into the first axis
     memory_type: str
     lora_alpha: float
+    # per memory layer, the tensors as views made by one unbind (whose backward is one stack); None:
+    # `for_layer` indexes the first axis (the plain path: each index's backward fills a zero tensor of
+    # the whole fetch and adds into it, once per memory layer and tensor)
+    layers: list[dict[str, torch.Tensor]] | None = None
 
     @property
     def kind(self) -> MemoryKind:
@@ -79,6 +86,8 @@ class FetchedMemory:
         slot = self.layer_slot.get(layer)
         if slot is None:
             return None
+        if self.layers is not None:
+            return self.layers[slot]
         return {name: t[slot] for name, t in self.tensors.items()}
 
 
@@ -104,6 +113,7 @@ class MemoryBank(nn.Module):
             n_nodes = cfg.nodes_at_level(level) if numel else 0
             self.levels.append(nn.Parameter(torch.empty(n_nodes, numel)))
             self.generic.append(nn.Parameter(torch.empty(1 if cfg.generic else 0, numel)))
+        self.fast = True  # fetch without the copies of the plain path (see `fetch`); same values
         # blocked nodes per level (not saved with the weights: blocking is an evaluation-time choice)
         for level in range(cfg.depth):
             self.register_buffer(f"blocked_{level}", torch.zeros(cfg.nodes_at_level(level), dtype=torch.bool),
@@ -137,6 +147,12 @@ class MemoryBank(nn.Module):
         for level in range(self.cfg.depth):
             self.init_rows_(self.levels[level].data, level)
             self.init_rows_(self.generic[level].data, level)
+
+    def store_as(self, dtype: torch.dtype) -> None:
+        """Keep the levels' blocks in `dtype` (bfloat16 on GPUs: half the bank's memory and no cast per
+        fetch under bf16 autocast); the generic block and the optimizer's moments stay float32."""
+        for p in self.levels:
+            p.data = p.data.to(dtype)
 
     # ----------------------------------------------------------------------------- blocking
     def block(self, prefixes: Iterable[Sequence[int]]) -> None:
@@ -235,7 +251,8 @@ class MemoryBank(nn.Module):
             if use_generic is not None and bool(use_generic.any()):
                 table = torch.cat([table, self.generic[level]], dim=0)
                 pos = torch.where(use_generic, torch.full_like(pos, table.shape[0] - 1), pos)
-            rows = table[pos]  # (B, numel)
+            # index_select's backward is one index_add; indexing's is an accumulating index_put
+            rows = table.index_select(0, pos) if self.fast else table[pos]  # (B, numel)
             if not bool(keep.all()):
                 any_blocked = True
                 rows = rows * keep.to(rows.dtype)[:, None]
@@ -244,12 +261,20 @@ class MemoryBank(nn.Module):
             # zero tensor of the whole row and adds into it: ~3 extra passes over the fetched rows)
             pieces = rows.view(batch, n_layers, -1).split([r * spec.width for spec in self.specs], dim=2)
             for spec, piece in zip(self.specs, pieces):
-                parts[spec.name].append(piece.reshape(batch, n_layers, r, spec.width))
-        tensors = {name: torch.cat(chunks, dim=2).transpose(0, 1).contiguous() for name, chunks in parts.items()}
+                parts[spec.name].append(piece.unflatten(2, (r, spec.width)))
+        if self.fast:  # (layers, B, R, width) views: no copy when one level has units, one cat otherwise
+            tensors = {name: (chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)).transpose(0, 1)
+                       for name, chunks in parts.items()}
+        else:
+            tensors = {name: torch.cat(chunks, dim=2).transpose(0, 1).contiguous() for name, chunks in parts.items()}
         unit_mask = torch.cat(mask_parts, dim=1) if any_blocked else None
+        layers = None
+        if self.fast:
+            names, views = list(tensors), [t.unbind(0) for t in tensors.values()]
+            layers = [dict(zip(names, per_layer)) for per_layer in zip(*views)]
         return FetchedMemory(tensors=tensors, unit_mask=unit_mask,
                              layer_slot={layer: i for i, layer in enumerate(self.memory_layers)},
-                             memory_type=self.cfg.type, lora_alpha=self.cfg.lora_alpha)
+                             memory_type=self.cfg.type, lora_alpha=self.cfg.lora_alpha, layers=layers)
 
     def extra_repr(self) -> str:
         return (f"type={self.cfg.type}, multipliers={self.cfg.multipliers}, k={self.cfg.branching}, "

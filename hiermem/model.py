@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hiermem.config import MemoryConfig, ModelConfig
+from hiermem.kernels import rotate_pairs
 from hiermem.masks import continuation_attention_mask, document_attention_mask
 from hiermem.memory import ActiveRows, FetchedMemory, MemoryBank
 
@@ -36,7 +37,11 @@ def _layer_norm(dim: int, eps: float) -> nn.LayerNorm:
 
 
 class Rotary(nn.Module):
-    """Rotary embeddings (rotate-half convention), cos/sin cached up to `max_seq_len`."""
+    """Rotary embeddings on interleaved pairs (x[2i], x[2i+1]), cos/sin cached up to `max_seq_len`.
+
+    The fast path rotates each pair as one complex multiplication (`hiermem.kernels.rotate_pairs`):
+    the same products and sums as the plain path's two strided slices, in one kernel each way.
+    """
 
     def __init__(self, head_dim: int, max_seq_len: int, base: float):
         super().__init__()
@@ -44,12 +49,15 @@ class Rotary(nn.Module):
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.fast = True  # False: the plain path (strided slices), kept for the benchmark and the tests
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:  # x: (B, h, T, dh)
         end = offset + x.shape[2]
         if end > self.cos.shape[0]:
             raise ValueError(f"sequence length {end} exceeds the model's max_seq_len {self.cos.shape[0]}")
         cos, sin = self.cos[offset:end].to(x.dtype), self.sin[offset:end].to(x.dtype)
+        if self.fast:
+            return rotate_pairs(x, cos, sin)
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
@@ -177,6 +185,17 @@ class Transformer(nn.Module):
         last_n: only compute the logits of the last n positions (scoring and generation need no more).
         cache: a `KVCache` for incremental decoding (see there).
         """
+        return F.linear(self.features(tokens, segment_ids, memory, last_n, cache), self.head_weight)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The output head's (vocab, d_model) weight: the embeddings when tied."""
+        return self.embed.weight if self.head is None else self.head.weight
+
+    def features(self, tokens: torch.Tensor, segment_ids: torch.Tensor | None = None,
+                 memory: FetchedMemory | None = None, last_n: int | None = None,
+                 cache: KVCache | None = None) -> torch.Tensor:
+        """The final normalised hidden states (B, T or last_n, d_model), before the output head."""
         offset = 0
         if cache is not None and cache.length:
             offset = cache.length
@@ -192,9 +211,7 @@ class Transformer(nn.Module):
             mem = memory.for_layer(i) if memory is not None else None
             x = block(x, self.rotary, attn_mask, mem, memory, cache.layers[i] if cache is not None else None,
                       offset)
-        x = self.norm(x if last_n is None else x[:, -last_n:])
-        weight = self.embed.weight if self.head is None else self.head.weight
-        return F.linear(x, weight)
+        return self.norm(x if last_n is None else x[:, -last_n:])
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -231,6 +248,23 @@ class HierMemLM(nn.Module):
                 last_n: int | None = None) -> torch.Tensor:
         memory = self.fetch(paths, use_generic, blocked, active)
         return self.anchor(tokens, segment_ids, memory, last_n=last_n)
+
+    def features(self, tokens: torch.Tensor, segment_ids: torch.Tensor | None = None,
+                 paths: torch.Tensor | None = None, use_generic: torch.Tensor | None = None,
+                 blocked: torch.Tensor | None = None, active: dict[int, ActiveRows] | None = None) -> torch.Tensor:
+        """`forward` up to the output head: the final hidden states (the fused loss applies the head)."""
+        return self.anchor.features(tokens, segment_ids, self.fetch(paths, use_generic, blocked, active))
+
+    @property
+    def fast(self) -> bool:
+        """Use the fast paths of `hiermem.kernels` (default); False gives the plain path, same results."""
+        return self.anchor.rotary.fast
+
+    @fast.setter
+    def fast(self, value: bool) -> None:
+        self.anchor.rotary.fast = bool(value)
+        if self.bank is not None:
+            self.bank.fast = bool(value)
 
     # accounting, nanochat-style: methods on the model, computed from the configs
     def accounting(self, seq_len: int | None = None):

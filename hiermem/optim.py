@@ -28,6 +28,9 @@ Two semantics (`semantics=`, `OptimConfig.bank_semantics`; `SEMANTICS` lists the
            before the forward reads it, and `finalize()` brings every block up to date at the end of
            training. A rarely read block moves further per read than under `lazy`.
 
+The bank may be stored in bfloat16 (`OptimConfig.bank_dtype`, for GPUs): the moments stay float32,
+each update is computed on a float32 copy of the touched rows and rounded back.
+
 Both are tested against `torch.optim.AdamW` in tests/test_optim.py (the touched rows for `lazy`; the
 whole bank, step for step, for `dense`). On the steps where a block is read the update is torch's
 own fused AdamW run on views of the touched rows.
@@ -106,7 +109,9 @@ class SparseBankAdamW:
             raise ValueError(f"invalid config field 'bank_semantics': expected one of {SEMANTICS}, got {semantics!r}")
         self.bank, self.lr, self.betas, self.eps, self.weight_decay = bank, lr, betas, eps, weight_decay
         self.semantics = semantics
-        self.levels = {level: _LevelState(p.shape[1], p.device, p.dtype)
+        # moments in float32 whatever the bank's storage (a bfloat16 bank is updated in float32 and
+        # rounded back, see `step`)
+        self.levels = {level: _LevelState(p.shape[1], p.device, torch.float32)
                        for level, p in enumerate(bank.levels) if p.numel()}
         self.t = 0                     # steps taken
         self.updates = {level: torch.zeros(p.shape[0], dtype=torch.long) for level, p in enumerate(bank.levels)
@@ -138,7 +143,7 @@ class SparseBankAdamW:
         has_state = torch.tensor([int(i) in state.slot_of for i in behind.tolist()], dtype=torch.bool)
         beta1, beta2 = self.betas
         dev_ids = behind.to(bank.device)
-        params = bank[dev_ids]
+        params = bank[dev_ids].float()
         if bool(has_state.any()):
             # blocks without state have zero moments: their replay is weight decay only (below)
             slots = torch.tensor(state.slots(behind.tolist()), dtype=torch.long, device=bank.device)
@@ -157,7 +162,7 @@ class SparseBankAdamW:
             for step in range(int(since[0]) + 1, upto + 1):
                 decay[since < step] *= 1 - self.lrs[step - 1] * self.weight_decay
             params.mul_(decay.to(params.device)[:, None])
-        bank[dev_ids] = params
+        bank[dev_ids] = params.to(bank.dtype)
         current[behind] = upto
 
     @torch.no_grad()
@@ -212,6 +217,7 @@ class SparseBankAdamW:
         self.t += 1
         self.lrs.append(float(lr))
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        write_back = []  # (bank, ids, float32 rows) of banks stored in lower precision
         for level, rows in active.items():
             if rows.rows.grad is None or not len(rows.ids):
                 continue
@@ -224,8 +230,14 @@ class SparseBankAdamW:
                 # their step counter is the global one
                 state.steps[torch.tensor(slots, dtype=torch.long, device=state.steps.device)] = float(self.t - 1)
                 self.current[level][rows.ids.detach().cpu()] = self.t
-            for j, (node, slot) in enumerate(zip(ids, slots)):
-                params.append(bank[node])
+            if bank.dtype != torch.float32:  # e.g. bfloat16: update a float32 copy, round it back after
+                work = bank[rows.ids].float()
+                write_back.append((bank, rows.ids, work))
+                targets, grad = list(work.unbind(0)), grad.float()
+            else:
+                targets = [bank[node] for node in ids]
+            for j, (target, slot) in enumerate(zip(targets, slots)):
+                params.append(target)
                 grads.append(grad[j])
                 exp_avgs.append(state.exp_avg[slot])
                 exp_avg_sqs.append(state.exp_avg_sq[slot])
@@ -234,6 +246,8 @@ class SparseBankAdamW:
             adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, fused=True, amsgrad=False,
                   beta1=self.betas[0], beta2=self.betas[1], lr=lr, weight_decay=self.weight_decay,
                   eps=self.eps, maximize=False)
+        for bank, ids, work in write_back:
+            bank[ids] = work.to(bank.dtype)
         return len(params)
 
     def state_dict(self) -> dict:

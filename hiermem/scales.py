@@ -1,7 +1,7 @@
 """The scale vocabulary: one name per size, the same for the demo, the notebooks and the data presets.
 
     smoke   the whole pipeline in seconds to minutes on a CPU: tests, CI, a first look
-    small   the CPU study: `make demo` (28 min on 2 cores), the notebooks' real runs, the CPU sweeps' data
+    small   the CPU study: `make demo` (10 min on 2 cores), the notebooks' real runs, the CPU sweeps' data
     study   the paper's evaluation experiments at the size 2 CPU cores afford (configs/sweeps/study/)
     full    every installed data source and the largest trees (data presets only)
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 SCALES: dict[str, str] = {
     "smoke": "the whole pipeline in seconds to minutes on a CPU: tests, CI, a first look",
-    "small": "the CPU study: `make demo` (28 min on 2 cores), the notebooks' real runs, the CPU sweeps' data",
+    "small": "the CPU study: `make demo` (10 min on 2 cores), the notebooks' real runs, the CPU sweeps' data",
     "study": "the paper's evaluation at the size 2 CPU cores afford: configs/sweeps/study/ (about 3.5 h)",
     "full": "every installed data source and the largest trees (data presets only)",
 }

@@ -6,7 +6,8 @@ measures the real path:
 - generic block: the same AdamW, in its own group with the bank's learning rate and weight decay;
 - bank blocks: `SparseBankAdamW` over the rows the batch fetched (see `hiermem.optim`);
 - global gradient-norm clipping over all three;
-- bf16 autocast when running on CUDA, fp32 on CPU.
+- bf16 autocast when running on CUDA, fp32 on CPU, where the output head and the cross-entropy are
+  fused (`hiermem.kernels`; `model.fast = False` gives the plain path).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from hiermem.kernels import fused_next_token_loss
 from hiermem.masks import loss_mask
 from hiermem.model import HierMemLM
 from hiermem.optim import SparseBankAdamW
@@ -78,9 +80,13 @@ class TrainStepper:
                 groups.append({"params": generic, "weight_decay": bank_weight_decay, "lr": bank_lr, "role": "bank"})
             self.bank_opt = SparseBankAdamW(model.bank, lr=bank_lr, betas=betas, eps=eps,
                                             weight_decay=bank_weight_decay, semantics=bank_semantics)
-        self.opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps) if groups else None
+        # fused: one kernel over all parameters (the fast path; `model.fast = False` keeps torch's default)
+        self.opt = (torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True if model.fast else None)
+                    if groups else None)
         device = next(model.parameters()).device
-        self.autocast = device.type == "cuda"
+        # bf16 autocast on CUDA, and wherever the bank is stored in a half type (`MemoryBank.store_as`)
+        low_bank = model.bank is not None and any(p.dtype != torch.float32 for p in model.bank.levels if p.numel())
+        self.autocast, self.device_type = device.type == "cuda" or low_bank, device.type
 
     def set_lr(self, lr: float, bank_lr: float | None = None) -> None:
         if self.opt is not None:
@@ -90,7 +96,10 @@ class TrainStepper:
             self.bank_opt.lr = bank_lr
 
     def loss(self, tokens, segment_ids, paths=None, use_generic=None, active=None) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+        if self.model.fast and not self.autocast:  # fp32: head and cross-entropy fused (hiermem.kernels)
+            hidden = self.model.features(tokens, segment_ids, paths=paths, use_generic=use_generic, active=active)
+            return fused_next_token_loss(hidden, self.model.anchor.head_weight, tokens, segment_ids)
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
             logits = self.model(tokens, segment_ids, paths=paths, use_generic=use_generic, active=active)
         return next_token_loss(logits, tokens, segment_ids)
 

@@ -45,6 +45,7 @@ from hiermem.configbase import Config, require
 from hiermem.data.packing import SequenceLoader, block_updates, update_report
 from hiermem.data.pipeline import DataBundle, DataConfig, build_data
 from hiermem.io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, check_writable_dir
+from hiermem.kernels import keep_freed_memory
 from hiermem.model import HierMemLM
 from hiermem.optim import SEMANTICS
 from hiermem.provenance import provenance
@@ -62,6 +63,8 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient: the run stops and keeps its last good checkpoint."""
 
 
+BANK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig(Config):
     """AdamW with a cosine schedule; the bank (and generic block) has its own LR and weight decay."""
@@ -78,10 +81,12 @@ class OptimConfig(Config):
     eps: float = 1e-8
     grad_clip: float = 1.0
     bank_semantics: str = "dense"  # lazy | dense (hiermem.optim)
+    bank_dtype: str = "float32"  # float32 | bfloat16: the bank's storage on a GPU (moments stay float32)
     rewarm: float | None = None  # continue/cotrain: anchor peak LR = rewarm x the init run's final LR
 
     def validate(self) -> None:
         require(self.bank_semantics in SEMANTICS, "bank_semantics", f"one of {list(SEMANTICS)}", self.bank_semantics)
+        require(self.bank_dtype in BANK_DTYPES, "bank_dtype", f"one of {list(BANK_DTYPES)}", self.bank_dtype)
         require(self.rewarm is None or self.rewarm > 0, "rewarm", "null or a positive factor", self.rewarm)
         for name in ("lr", "bank_lr", "eps"):
             require(getattr(self, name) > 0, name, "a positive number", getattr(self, name))
@@ -238,6 +243,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, data: DataBundle | None = None,
         raise ValueError(f"the data bundle given to train() was built for another data config; differing fields: "
                          f"{', '.join(data.cfg.diff(cfg.data))}")
     device = device_for(cfg.device)
+    keep_freed_memory()  # large activations stay in the heap between steps (hiermem.kernels)
     model_cfg = cfg.model_config(data.vocab_size)
     memory_cfg = cfg.memory if cfg.uses_memory else None
     acc = count(model_cfg, memory_cfg, seq_len=cfg.data.seq_len)
@@ -250,6 +256,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, data: DataBundle | None = None,
         load_anchor_weights(model, parent.final)
     model.to(device)
     o = cfg.optim
+    if model.bank is not None and o.bank_dtype != "float32":
+        if device.type == "cuda":
+            model.bank.store_as(BANK_DTYPES[o.bank_dtype])
+        else:
+            log.info("bank_dtype %s is for GPUs (bf16 autocast); on %s the bank stays float32", o.bank_dtype, device)
     peak_lr, final_lr = cfg.anchor_lr()
     stepper = TrainStepper(model, lr=peak_lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps,
                            grad_clip=o.grad_clip or None, bank_lr=o.bank_lr, bank_weight_decay=o.bank_weight_decay,

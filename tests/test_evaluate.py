@@ -285,3 +285,62 @@ def test_perplexity_is_exp_of_the_token_mean_nll(memory_run, smoke_data_config):
     row = summarize(results, table, "m").iloc[0]
     assert row["ppl"] == pytest.approx(np.exp((2.0 * 100 + 3.0 * 300) / 400))
     assert row["ppl_wiki"] == pytest.approx(np.exp(2.0)) and row["ppl_factbook"] == pytest.approx(np.exp(3.0))
+
+
+def test_fast_evaluation_equals_the_plain_path(memory_run, tmp_path):
+    """Bug caught: the fast path mapping a deduplicated (probe, memory) pair back to the wrong probe or
+    mode, scoring a 'none' row with memory, or computing perplexity on other positions than the plain
+    path. Every mode (level ablations, generic, blocking, rerouting) on the plain and the fast path:
+    the per-probe tables agree -- texts and correctness exactly, log-probabilities and perplexity to
+    float rounding."""
+    import shutil
+    plain_run = tmp_path / "plain"
+    shutil.copytree(memory_run, plain_run)
+    cfg = EvalConfig(heldout_docs_per_source=12, split="all", rank_candidates=30)
+    fast = evaluate_run(memory_run, cfg, fast=True)
+    plain = evaluate_run(plain_run, cfg, fast=False)
+    assert list(fast["mode"]) == list(plain["mode"]) and len(fast) >= 8
+    a = pd.read_parquet(memory_run / "eval" / "probe_results.parquet")
+    b = pd.read_parquet(plain_run / "eval" / "probe_results.parquet")
+    assert list(a["probe_id"]) == list(b["probe_id"]) and list(a["mode"]) == list(b["mode"])
+    for column in ("generated", "correct", "rank_correct", "mc_correct", "used_path", "n_candidates"):
+        assert list(a[column]) == list(b[column]), column
+    np.testing.assert_allclose(a["answer_logprob"], b["answer_logprob"], rtol=1e-4, atol=1e-4)
+    pa, pb = pd.read_csv(memory_run / "eval" / "perplexity.csv"), pd.read_csv(plain_run / "eval" / "perplexity.csv")
+    assert list(pa["tokens"]) == list(pb["tokens"])
+    np.testing.assert_allclose(pa["nll"], pb["nll"], rtol=1e-5)
+
+
+def test_merge_choices_scores_each_distinct_pair_once():
+    """Bug caught: pairs keyed without their generic flag or dropped levels (two different memories
+    merged), 'none' rows given a path's memory, or a row mapped to another row's pair. Independent:
+    the merged choice's memory for each mode's row, read back field by field."""
+    from hiermem.probing import merge_choices
+    paths = np.array([[0, 1], [2, 2], [1, 0]])
+    choices = {
+        "none": MemoryChoice(),
+        "fetched": MemoryChoice(paths=paths),
+        "oracle": MemoryChoice(paths=np.array([[0, 1], [2, 0], [1, 0]])),  # rows 0 and 2 as fetched
+        "generic": MemoryChoice(paths=paths, use_generic=np.ones(3, dtype=bool)),
+        "drop-all": MemoryChoice(paths=paths, blocked=np.ones((3, 2), dtype=bool)),  # = none
+        "drop2": MemoryChoice(paths=paths, blocked=np.array([[False, True]] * 3)),
+    }
+    merged = merge_choices(choices, 3, 2)
+    assert len(merged.row) == 3 + 3 + 1 + 3 + 3  # none, fetched, oracle's row 1, generic, drop2
+    m = merged.choice
+    for name, choice in choices.items():
+        for i, j in enumerate(merged.where[name]):
+            assert merged.row[j] == i
+            generic = bool(m.use_generic[j])
+            dropped = m.blocked[j] if m.blocked is not None else np.zeros(2, dtype=bool)
+            if name in ("none", "drop-all"):
+                assert not generic and dropped.all()
+            else:
+                assert list(m.paths[j]) == list(choice.paths[i])
+                assert generic == (name == "generic")
+                want = choice.blocked[i] if choice.blocked is not None else np.zeros(2, dtype=bool)
+                assert list(dropped) == list(want) or generic
+    assert (merged.where["oracle"][[0, 2]] == merged.where["fetched"][[0, 2]]).all()
+    assert (merged.where["drop-all"] == merged.where["none"]).all()
+    dense = merge_choices({"none": MemoryChoice()}, 3, 0)
+    assert dense.choice.paths is None and list(dense.row) == [0, 1, 2]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hiermem.config import MemoryConfig, tiny_config
+from hiermem.config import MemoryConfig, ModelConfig, tiny_config
 from hiermem.model import HierMemLM
 from hiermem.stepper import TrainStepper
 
@@ -155,3 +155,30 @@ def test_training_on_cuda_matches_cpu_fp32():
     cpu, gpu = run("cpu"), run("cuda")
     for name in cpu:
         torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_bfloat16_bank_on_cuda_follows_the_float32_bank():
+    """Bug caught on the GPU path: a bf16 bank whose fetch is cast back to fp32 per step, whose
+    update is lost, or whose moments are bf16. Reference: the same CUDA steps with a float32 bank."""
+    cfg = ModelConfig(d_model=64, n_layers=2, n_heads=2, head_dim=32, ffn_dim=128, vocab_size=101, max_seq_len=32)
+    g = torch.Generator().manual_seed(0)
+    tokens, paths = torch.randint(0, 101, (4, 32), generator=g).cuda(), torch.randint(0, 3, (4, 2), generator=g).cuda()
+    banks = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = HierMemLM(cfg, MemoryConfig(type="ffn", multipliers=(8, 4), branching=3)).cuda()
+        with torch.no_grad():
+            for p in model.bank.levels:
+                p.copy_(p.to(torch.bfloat16).float())
+        start = [p.detach().clone() for p in model.bank.levels]
+        model.bank.store_as(dtype)
+        stepper = TrainStepper(model, lr=1e-3, bank_lr=1e-2, freeze_anchor=True)
+        losses = [stepper.step(tokens, None, paths)["loss"] for _ in range(8)]
+        assert losses[-1] < losses[0]
+        assert all(p.dtype == dtype for p in model.bank.levels)
+        assert all(s.exp_avg.dtype == torch.float32 for s in stepper.bank_opt.levels.values())
+        banks[dtype] = [p.detach().float() for p in model.bank.levels]
+    for level, (a, b) in enumerate(zip(banks[torch.float32], banks[torch.bfloat16])):
+        moved = float((b - start[level]).abs().max())
+        assert moved > 1e-3
+        assert float((a - b).abs().max()) < 0.1 * moved + 2 ** -7 * float(a.abs().max())

@@ -177,3 +177,38 @@ def test_dense_semantics_resume_is_exact():
 
     for a, b in zip(run(split=-1), run(split=3)):
         assert torch.equal(a, b)
+
+
+def test_bfloat16_bank_trains_with_float32_moments():
+    """Bug caught: a bfloat16 bank whose moments are kept in bfloat16 (updates smaller than the
+    rounding step vanish), whose update is not written back, or that is silently upcast to float32.
+    Reference: the same steps with a float32 bank (bf16 autocast in both), which the bf16 bank follows
+    to within its rounding."""
+    from hiermem.config import MemoryConfig, ModelConfig
+    from hiermem.model import HierMemLM
+    from hiermem.stepper import TrainStepper
+
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, head_dim=16, ffn_dim=64, vocab_size=53, max_seq_len=16)
+    g = torch.Generator().manual_seed(0)
+    tokens, paths = torch.randint(0, 53, (4, 16), generator=g), torch.randint(0, 2, (4, 2), generator=g)
+    banks = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = HierMemLM(cfg, MemoryConfig(type="ffn", multipliers=(4, 4), branching=2))
+        with torch.no_grad():
+            for p in model.bank.levels:
+                p.copy_(p.to(torch.bfloat16).float())  # both start from the same representable values
+        start = [p.detach().clone() for p in model.bank.levels]
+        model.bank.store_as(dtype)
+        stepper = TrainStepper(model, lr=1e-3, bank_lr=1e-2, freeze_anchor=True)
+        stepper.autocast = True  # bf16 autocast for both, so that only the bank's storage differs
+        losses = [stepper.step(tokens, None, paths)["loss"] for _ in range(8)]
+        assert losses[-1] < losses[0], "the bank must learn the batch"
+        assert all(p.dtype == dtype for p in model.bank.levels)
+        assert all(s.exp_avg.dtype == torch.float32 for s in stepper.bank_opt.levels.values())
+        banks[dtype] = [p.detach().float().clone() for p in model.bank.levels]
+    for level, (a, b) in enumerate(zip(banks[torch.float32], banks[torch.bfloat16])):
+        moved = float((b - start[level]).abs().max())
+        assert moved > 1e-3, f"level {level + 1}: the bf16 bank's updates were not written back"
+        # the two differ by bf16 rounding of the stored rows (2^-8 relative), far less than they moved
+        assert float((a - b).abs().max()) < 0.1 * moved + 2 ** -7 * float(a.abs().max()), level

@@ -284,3 +284,21 @@ def test_first_logged_loss_is_the_masked_loss_of_the_initial_model(smoke_data_co
                          reduction="none").view(tokens.shape[0], -1)
     valid = (segments[:, :-1] == segments[:, 1:]) & (segments[:, :-1] >= 0)
     assert logged["loss"] == pytest.approx(float((ce * valid).sum() / valid.sum()), rel=1e-5)
+
+
+def test_bfloat16_bank_on_cpu_falls_back_to_float32_with_one_line(smoke_data_config, pretrained_anchor, tmp_path,
+                                                                   caplog):
+    """Bug caught: `optim.bank_dtype: bfloat16` crashing on a machine without a GPU, or silently
+    training a bf16 bank there; a misspelt dtype accepted. The fallback trains the same run as the
+    float32 default (identical final bank) and says so in one log line."""
+    with pytest.raises(ValueError, match="bank_dtype"):
+        _memory_cfg(smoke_data_config, pretrained_anchor, optim=TrainConfig().optim.replace(bank_dtype="fp8"))
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = _memory_cfg(smoke_data_config, pretrained_anchor, tokens=4 * 4 * 128,
+                          optim=TrainConfig().optim.replace(bank_dtype=dtype))
+        with caplog.at_level("INFO", logger="hiermem.train"):
+            runs[dtype] = load_model(RunDir(train(cfg, tmp_path / dtype, progress=False)).final)
+    assert sum("bank_dtype bfloat16 is for GPUs" in r.getMessage() for r in caplog.records) == 1
+    for a, b in zip(runs["float32"].bank.levels, runs["bfloat16"].bank.levels):
+        assert b.dtype == torch.float32 and torch.equal(a, b)
