@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 
 from hiermem.config import MemoryConfig, ModelConfig, model_preset, parse_multipliers
 from hiermem.fmt import human, human_bytes
@@ -178,7 +179,15 @@ def format_table(acc: Accounting, dtype: str = "bfloat16") -> str:
 
 
 def _run_count(args: argparse.Namespace) -> int:
-    model = model_preset(args.anchor)
+    if args.hf:  # a Hugging Face config.json (post-hoc memories, hiermem.hf)
+        from hiermem.hf import hf_model_config
+        path = Path(args.hf)
+        if not path.is_file():
+            raise FileNotFoundError(f"--hf: no such config file {str(path)!r} (a model's config.json)")
+        model = hf_model_config(json.loads(path.read_text()))
+        args.anchor = f"{path} ({model.d_model} wide, {model.n_layers} layers)"
+    else:
+        model = model_preset(args.anchor)
     if args.vocab is not None:
         model = model.replace(vocab_size=args.vocab)
     memory = None
@@ -215,6 +224,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--anchor", default="openlm-160m",
                    help="anchor preset (default openlm-160m): openlm-160m, openlm-410m, openlm-1b, "
                         "d1024-l12/l17/l19/l21/l22/l24 (the paper's Table 8), tiny-d<N> (N >= 1)")
+    p.add_argument("--hf", default=None, metavar="CONFIG.json",
+                   help="a Hugging Face model's config.json instead of a preset (post-hoc FFN memories on it; its "
+                        "fetched and bank sizes are exact, its anchor lines follow hiermem's layout)")
     p.add_argument("--memory", default=None, help="per-level multipliers r1,...,rp, e.g. 256,64,16,0")
     p.add_argument("--k", type=int, default=16, help="branching factor of the tree (default 16)")
     p.add_argument("--memory-type", default="ffn", help=" | ".join(MEMORY_KINDS))

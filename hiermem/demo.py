@@ -12,7 +12,10 @@ its claims table says whether the paper's findings show.
 4. trains the controls: the anchor continued dense on the same sequences and schedule as the memory
    stage, a dense model with the runtime parameters of anchor + fetched memory, and one with about
    2x the anchor's parameters, both on the same total tokens;
-5. evaluates every model in every memory mode (greedy exact match and answer ranking) and writes
+5. evaluates every model in every memory mode, the anchor and the frozen memory model also with the
+   RAG baseline (`rag`, `rag+fetched`: the nearest training document of the routed cluster before the
+   prompt, hiermem.rag), greedy exact match and answer ranking, with each mode's forward FLOPs per
+   answer (`flops_x`), and writes
    results/demo/summary.csv (one row per model and mode) and results/demo/claims.csv (one row per
    claim with a 95% bootstrap CI, its target and whether it holds; analysis.claims states the rules).
 
@@ -38,8 +41,9 @@ from hiermem.accounting import count
 from hiermem.config import MemoryConfig, model_preset
 from hiermem.configbase import Config, require
 from hiermem.data.pipeline import DataConfig, build_data
-from hiermem.evaluate import EvalConfig, evaluate_run
+from hiermem.evaluate import BASE_MODES, EvalConfig, evaluate_run
 from hiermem.io import atomic_write_text
+from hiermem.rag import RAG_MODES
 from hiermem.scales import accepted, check
 from hiermem.rundir import RunDir
 from hiermem.train import OptimConfig, TrainConfig, train
@@ -74,14 +78,16 @@ class DemoConfig(Config):
         lr=1e-4, final_lr=1e-5, rewarm=3.0, warmup_fraction=0.02, weight_decay=0.05,
         bank_lr=3e-3, bank_final_lr=3e-5, bank_weight_decay=1e-3, bank_semantics="dense"))
     runs: tuple[str, ...] = RUNS
+    rag_runs: tuple[str, ...] = ("anchor", "memory-frozen")  # evaluated with the RAG modes too (eval.modes)
     eval: EvalConfig = dataclasses.field(default_factory=lambda: EvalConfig(
-        max_probes_per_relation=200, heldout_docs_per_source=100, split="eval"))
+        modes=BASE_MODES + RAG_MODES, max_probes_per_relation=200, heldout_docs_per_source=100, split="eval"))
     n_boot: int = 1000
 
     def validate(self) -> None:
         require(self.scale in SCALE_NAMES, "scale", f"one of {list(SCALE_NAMES)}", self.scale)
         unknown = [r for r in self.runs if r not in RUNS]
         require(not unknown and "anchor" in self.runs, "runs", f"'anchor' and names among {list(RUNS)}", self.runs)
+        require(all(r in RUNS for r in self.rag_runs), "rag_runs", f"names among {list(RUNS)}", self.rag_runs)
         require(self.anchor_tokens > 0 and self.memory_tokens > 0, "anchor_tokens/memory_tokens", "positive",
                 (self.anchor_tokens, self.memory_tokens))
         require(self.memory.branching in (None, self.data.tree.branching), "memory.branching",
@@ -113,7 +119,8 @@ SCALES: dict[str, DemoConfig] = {"small": DemoConfig()}  # the main job: p9's re
 SCALES["smoke"] = DemoConfig(
     scale="smoke", data=DataConfig.knowledge("smoke"), anchor="tiny-d1", anchor_tokens=40_000, memory_tokens=40_000,
     batch_size=8, memory=MemoryConfig(type="ffn", multipliers=(8, 8)),
-    eval=EvalConfig(max_probes_per_relation=12, heldout_docs_per_source=10, split="eval", rank_candidates=20),
+    eval=EvalConfig(modes=BASE_MODES + RAG_MODES, max_probes_per_relation=12, heldout_docs_per_source=10, split="eval",
+                    rank_candidates=20),
     n_boot=200)
 
 
@@ -148,7 +155,8 @@ def demo_runs(cfg: DemoConfig, runs_dir: Path, vocab_size: int) -> dict[str, Tra
     return {name: run for name, run in all_runs.items() if name in cfg.runs}
 
 
-COMPACT = ["model", "mode", "runtime_params", "train_tokens", "avg_sk", "avg_sk_rank", "avg_ck", "avg_ck_rank", "ppl"]
+COMPACT = ["model", "mode", "runtime_params", "train_tokens", "avg_sk", "avg_sk_rank", "avg_ck", "avg_ck_rank", "ppl",
+           "flops_x"]
 
 
 def run_demo(cfg: DemoConfig | str = "small", runs_dir: str = "runs/demo", out_dir: str = "results/demo",
@@ -168,7 +176,9 @@ def run_demo(cfg: DemoConfig | str = "small", runs_dir: str = "runs/demo", out_d
         t0 = time.perf_counter()
         run = train(run_cfg, runs_path / name, data=bundle, progress=progress)
         t1 = time.perf_counter()
-        summary = evaluate_run(run, cfg.eval, reuse=True, data=bundle)
+        eval_cfg = cfg.eval if name in cfg.rag_runs else cfg.eval.replace(
+            modes=tuple(m for m in cfg.eval.modes if m not in RAG_MODES))
+        summary = evaluate_run(run, eval_cfg, reuse=True, data=bundle)
         acc = count(run_cfg.model_config(bundle.vocab_size), run_cfg.memory if run_cfg.uses_memory else None,
                     seq_len=cfg.data.seq_len)
         summary.insert(2, "runtime_params", acc.runtime_params)

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from hiermem.accounting import count
 from hiermem.checkpoint import load_model
 from hiermem.configbase import Config, require
 from hiermem.data.pipeline import DataBundle, build_data
@@ -42,6 +43,7 @@ from hiermem.model import HierMemLM
 from hiermem.modes import (BASE_MODES, Blocking, EvalMode, Rows, check_mode_name, choose_blocked_nodes,
                            mode_names)
 from hiermem.probing import answer_matches, candidate_logprobs, document_nll, greedy_generate, merge_choices
+from hiermem.rag import RAG_MODES, flops_ratio, is_rag_mode, memory_flops_ratio, rag_prompts, retrieve
 from hiermem.rundir import RunDir
 from hiermem.train import TrainConfig, device_for
 
@@ -89,9 +91,9 @@ class EvalConfig(Config):
 
 
 def available_modes(model: HierMemLM, cfg: EvalConfig) -> list[str]:
-    """Modes that make sense for this model: a dense model has only 'none'."""
+    """Modes that make sense for this model: a dense model has only 'none' (and 'rag' when asked for)."""
     if model.bank is None:
-        return ["none"]
+        return ["none"] + (["rag"] if "rag" in cfg.modes else [])
     return mode_names(cfg.modes, model.bank.units, model.bank.cfg.generic, cfg.level_ablation)
 
 
@@ -171,21 +173,38 @@ def score_probes(model: HierMemLM, data: DataBundle, probes: pd.DataFrame, cfg: 
     mode_objects = eval_modes(model, data, cfg, modes, probes)
 
     choices = {mode: mode_objects[mode].choose(rows) for mode in modes}
-    if model.fast:  # each distinct (probe, memory) pair of all modes scored once, in shared batches
-        merged = merge_choices(choices, len(probes), model.bank.cfg.depth if model.bank is not None else 0)
-        unique_prompts = [prompts[i] for i in merged.row]
-        unique_texts = tok.decode_batch(greedy_generate(model, unique_prompts, merged.choice, list(budgets[merged.row]),
-                                                        data.pad_id, cfg.batch_size))
-        unique_scores = candidate_logprobs(model, unique_prompts, [cand_ids[i] for i in merged.row], merged.choice,
-                                           data.pad_id, max(1, cfg.batch_size // 2))
-        scored = {mode: ([unique_texts[j] for j in merged.where[mode]], [unique_scores[j] for j in merged.where[mode]])
-                  for mode in modes}
-    else:  # the plain path: every mode on its own
-        scored = {}
-        for mode, memory in choices.items():
-            generated = greedy_generate(model, prompts, memory, list(budgets), data.pad_id, cfg.batch_size)
-            scored[mode] = (tok.decode_batch(generated), candidate_logprobs(
-                model, prompts, cand_ids, memory, data.pad_id, max(1, cfg.batch_size // 2)))
+    # the prompts each mode reads: the probe's own, or (rag modes) with the retrieved document before it
+    variants = {"prompt": [m for m in modes if not is_rag_mode(m)], "rag": [m for m in modes if is_rag_mode(m)]}
+    texts_of = {"prompt": prompts}
+    retrieved = None
+    if variants["rag"]:
+        retrieved = retrieve(data, rows.vectors, rows.routed)
+        texts_of["rag"] = rag_prompts(prompts, retrieved)
+    scored = {}
+    for variant, group in variants.items():
+        if not group:
+            continue
+        these = texts_of[variant]
+        if model.fast:  # each distinct (probe, memory) pair of the group's modes scored once, in shared batches
+            merged = merge_choices({m: choices[m] for m in group}, len(probes),
+                                   model.bank.cfg.depth if model.bank is not None else 0)
+            unique_prompts = [these[i] for i in merged.row]
+            unique_texts = tok.decode_batch(greedy_generate(model, unique_prompts, merged.choice,
+                                                            list(budgets[merged.row]), data.pad_id, cfg.batch_size))
+            unique_scores = candidate_logprobs(model, unique_prompts, [cand_ids[i] for i in merged.row],
+                                               merged.choice, data.pad_id, max(1, cfg.batch_size // 2))
+            scored.update({mode: ([unique_texts[j] for j in merged.where[mode]],
+                                  [unique_scores[j] for j in merged.where[mode]]) for mode in group})
+        else:  # the plain path: every mode on its own
+            for mode in group:
+                generated = greedy_generate(model, these, choices[mode], list(budgets), data.pad_id, cfg.batch_size)
+                scored[mode] = (tok.decode_batch(generated), candidate_logprobs(
+                    model, these, cand_ids, choices[mode], data.pad_id, max(1, cfg.batch_size // 2)))
+    # forward FLOPs of an answer relative to the anchor answering the bare prompt (hiermem.rag)
+    answer_len = [len(ids_of[a]) for a in answers]
+    memory_x = memory_flops_ratio(count(model.model_cfg, model.memory_cfg)) if model.bank is not None else 1.0
+    rag_x = (flops_ratio([len(p) for p in prompts], [len(d) for d in retrieved.doc_tokens], answer_len)
+             if retrieved is not None else None)
     frames = []
     for mode in modes:
         memory = choices[mode]
@@ -198,6 +217,10 @@ def score_probes(model: HierMemLM, data: DataBundle, probes: pd.DataFrame, cfg: 
         frame["rank_correct"] = [bool(len(sc) > 1 and sc[0] > sc[1:].max()) for sc in scores]
         frame["mc_correct"] = [bool(len(sc) > 1 and sc[0] > sc[1:cfg.mc_candidates].max()) for sc in scores]
         frame["n_candidates"] = [len(sc) for sc in scores]
+        frame["flops_x"] = ((rag_x if is_rag_mode(mode) else 1.0)
+                            * (memory_x if memory.paths is not None or memory.use_generic is not None else 1.0))
+        if retrieved is not None and is_rag_mode(mode):
+            frame["rag_doc_id"] = [data.corpus["doc_id"].iloc[r] if r >= 0 else "" for r in retrieved.doc_row]
         frame["routed_path"] = [",".join(map(str, p)) for p in rows.routed]
         frame["oracle_path"] = [",".join(map(str, p)) for p in (rows.oracle if rows.oracle is not None else rows.routed)]
         frame["used_path"] = ([",".join(map(str, p)) for p in memory.paths] if memory.paths is not None
@@ -271,6 +294,8 @@ def summarize(results: pd.DataFrame, perplexity: pd.DataFrame, model_name: str) 
     for mode, frame in results.groupby("mode", sort=False):
         per_relation = frame.groupby(["group", "relation"])[metrics].mean()
         row = {"model": model_name, "mode": mode}
+        if "flops_x" in frame:  # forward FLOPs per answer relative to the bare anchor (hiermem.rag)
+            row["flops_x"] = float(frame["flops_x"].mean())
         for group in ("SK", "CK"):
             part = per_relation.loc[group] if group in per_relation.index.get_level_values(0) else None
             for metric in metrics:
@@ -320,6 +345,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, progress: b
     data = build_data(train_cfg.data, progress=progress) if data is None else data
     modes = available_modes(model, cfg)
     ppl_modes = modes if "all" in cfg.perplexity_modes else [m for m in cfg.perplexity_modes if m in modes]
+    ppl_modes = [m for m in ppl_modes if not is_rag_mode(m)]  # retrieval is for probes (hiermem.rag)
     probes = select_probes(data.probes, cfg.max_probes_per_relation, cfg.seed, cfg.split)
     rows = probe_rows(data, probes)
     with torch.no_grad():
@@ -367,7 +393,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", help="a run directory written by `hiermem train`")
     p.add_argument("--config", default=None, help="EvalConfig YAML")
     p.add_argument("--modes", default=None,
-                   help=f"comma list among {','.join(BASE_MODES)} and drop-level<l> (l = 1..depth)")
+                   help=f"comma list among {','.join(BASE_MODES + RAG_MODES)} and drop-level<l> (l = 1..depth)")
     p.add_argument("--block-fraction", type=float, default=None,
                    help="blocked-drop/blocked-reroute: block this fraction of the nodes at blocked_level bank-wide "
                         "(best-matching first; block_choice: random in --config) instead of each probe's own subtree")

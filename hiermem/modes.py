@@ -16,6 +16,9 @@ the same thing for probes and for perplexity, and no model state is switched on 
     wrong-path        the blocks of a random path that differs at level 1
     oracle-path       the blocks of the path where most of the fact's documents went
     drop-level<l>     fetched with level l's block dropped
+    rag               no memory; the prompt's nearest training document of its routed cluster is
+                      prepended (`hiermem.rag`, the paper's vanilla RAG baseline; probes only)
+    rag+fetched       that document and the fetched memory
 
 What is blocked (`Blocking`): by default each row's *own* routed subtree from `level` down (the
 paper's "block the matching part of the bank"); or one bank-wide set of node prefixes
@@ -31,6 +34,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from hiermem.probing import MemoryChoice
+from hiermem.rag import RAG_MODES
 
 BASE_MODES = ("none", "generic", "fetched", "blocked-drop", "blocked-reroute", "wrong-path", "oracle-path")
 
@@ -88,12 +92,12 @@ class EvalMode:
 
     def choose(self, rows: Rows) -> MemoryChoice:
         n, name, depth = len(rows), self.name, self.depth
-        if name == "none" or depth == 0:
+        if name in ("none", "rag") or depth == 0:
             return MemoryChoice()
         routed = np.asarray(rows.routed)[:, :depth]
         if name == "generic":
             return MemoryChoice(paths=routed, use_generic=np.ones(n, dtype=bool))
-        if name == "fetched":
+        if name in ("fetched", "rag+fetched"):
             return MemoryChoice(paths=routed)
         if name == "blocked-drop":
             return MemoryChoice(paths=routed, blocked=self.blocking.drop_mask(routed))
@@ -141,10 +145,11 @@ def mode_names(cfg_modes: Sequence[str], depth_units: Sequence[int], generic: bo
 
 
 def check_mode_name(name: str) -> None:
-    if name in BASE_MODES or (name.startswith("drop-level") and name.removeprefix("drop-level").isdigit()):
+    if name in BASE_MODES or name in RAG_MODES or (name.startswith("drop-level")
+                                                   and name.removeprefix("drop-level").isdigit()):
         return
     raise ValueError(f"invalid config field 'modes': unknown evaluation mode {name!r}; expected one of "
-                     f"{', '.join(BASE_MODES)} or drop-level<l>")
+                     f"{', '.join(BASE_MODES + RAG_MODES)} or drop-level<l>")
 
 
 def choose_blocked_nodes(fraction: float, level: int, branching: int, how: str,

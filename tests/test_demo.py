@@ -16,9 +16,13 @@ def test_demo_smoke_writes_summary_and_claims(tmp_path, capsys):
     assert {"model", "mode", "avg_sk", "avg_sk_rank", "avg_ck", "ppl", "train_tokens"} <= set(table.columns)
     models = table.groupby("model")["mode"].apply(list).to_dict()
     assert set(models) == set(RUNS)
-    assert models["anchor"] == ["none"] and models["dense-2x"] == ["none"] and models["continued"] == ["none"]
+    assert models["anchor"] == ["none", "rag"] and models["dense-2x"] == models["continued"] == ["none"]
+    assert "rag" not in models["memory-cotrain"]  # the RAG rows are the anchor's and the frozen memory's
     assert {"none", "generic", "fetched", "blocked-drop", "blocked-reroute", "wrong-path",
-            "oracle-path"} <= set(models["memory-frozen"])
+            "oracle-path", "rag", "rag+fetched"} <= set(models["memory-frozen"])
+    # the RAG baseline's cost beside its scores: more context than the memory's extra units
+    cost = table.set_index(["model", "mode"])["flops_x"]
+    assert cost["anchor", "none"] == 1.0 and cost["anchor", "rag"] > cost["memory-frozen", "fetched"] > 1.0
     first = table.drop_duplicates("model").set_index("model")
     assert first.loc["dense-same-active", "runtime_params"] == first.loc["memory-cotrain", "runtime_params"]
     assert 1.8 < first.loc["dense-2x", "runtime_params"] / first.loc["anchor", "runtime_params"] < 2.6
