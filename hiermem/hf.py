@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from hiermem.config import MemoryConfig, ModelConfig
 from hiermem.io import atomic_dir
 from hiermem.memory import ActiveRows, FetchedMemory, MemoryBank
+from hiermem.memory_kinds import ffn_memory
 
 CONFIG_FILE = "hf_memory.json"
 BANK_FILE = "bank.safetensors"
@@ -135,20 +136,14 @@ class HFMemoryLM(nn.Module):
         def add_units(module, args, output):
             if self._fetched is None:
                 return output
-            mem = self._fetched.for_layer(layer)
             x = args[0]
-            gate, up, down = (mem[name].to(x.dtype) for name in ("gate", "up", "down"))
-            hidden = act(torch.bmm(x, gate.transpose(1, 2))) * torch.bmm(x, up.transpose(1, 2))
-            return output + torch.bmm(hidden, down)
+            mem = {name: t.to(x.dtype) for name, t in self._fetched.for_layer(layer).items()}
+            return output + ffn_memory(x, mem, act)
         return add_units
 
     def fetch(self, paths: torch.Tensor | None, use_generic: torch.Tensor | None = None,
               blocked: torch.Tensor | None = None, active: dict[int, ActiveRows] | None = None) -> FetchedMemory | None:
-        if paths is None:
-            if use_generic is None or not bool(use_generic.all()):
-                return None
-            paths = torch.zeros(use_generic.shape[0], self.bank.cfg.depth, dtype=torch.long, device=use_generic.device)
-        return self.bank.fetch(paths, use_generic=use_generic, blocked=blocked, active=active)
+        return self.bank.fetch_for(paths, use_generic, blocked, active)
 
     def forward(self, tokens: torch.Tensor, segment_ids: torch.Tensor | None = None, paths: torch.Tensor | None = None,
                 use_generic: torch.Tensor | None = None, blocked: torch.Tensor | None = None,

@@ -276,6 +276,17 @@ class MemoryBank(nn.Module):
                              layer_slot={layer: i for i, layer in enumerate(self.memory_layers)},
                              memory_type=self.cfg.type, lora_alpha=self.cfg.lora_alpha, layers=layers)
 
+    def fetch_for(self, paths: torch.Tensor | None, use_generic: torch.Tensor | None = None,
+                  blocked: torch.Tensor | None = None, active: dict[int, ActiveRows] | None = None,
+                  ) -> FetchedMemory | None:
+        """`fetch`, or None when there is nothing to fetch: no paths, unless every row uses the generic
+        block (what a model passes for its memory argument)."""
+        if paths is None:
+            if use_generic is None or not bool(use_generic.all()):
+                return None
+            paths = torch.zeros(use_generic.shape[0], self.cfg.depth, dtype=torch.long, device=use_generic.device)
+        return self.fetch(paths, use_generic=use_generic, blocked=blocked, active=active)
+
     def extra_repr(self) -> str:
         return (f"type={self.cfg.type}, multipliers={self.cfg.multipliers}, k={self.cfg.branching}, "
                 f"layers={len(self.memory_layers)}, generic={self.cfg.generic}")

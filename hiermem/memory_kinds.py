@@ -100,14 +100,14 @@ def _grouped(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, tuple[int, ...]]
     return x.reshape(rows, -1, x.shape[-1]), tuple(x.shape)
 
 
-def ffn_memory(x: torch.Tensor, mem: Memory) -> torch.Tensor:
-    """Extra SwiGLU units: down^T [silu(gate x) * (up x)] with per-sequence weights (gather + bmm).
+def ffn_memory(x: torch.Tensor, mem: Memory, act=F.silu) -> torch.Tensor:
+    """Extra gated units: down^T [act(gate x) * (up x)] with per-sequence weights (gather + bmm).
 
-    x: (B, T, d) (or grouped rows); gate/up/down: (B, R, d). Equal to widening the anchor's FFN by
-    R hidden units.
+    x: (B, T, d) (or grouped rows); gate/up/down: (B, R, d). With SiLU, equal to widening the anchor's
+    SwiGLU by R hidden units (`hiermem.hf` passes a base model's own MLP activation).
     """
     x, shape = _grouped(x, mem["gate"].shape[0])
-    hidden = F.silu(torch.bmm(x, mem["gate"].transpose(1, 2))) * torch.bmm(x, mem["up"].transpose(1, 2))
+    hidden = act(torch.bmm(x, mem["gate"].transpose(1, 2))) * torch.bmm(x, mem["up"].transpose(1, 2))
     return torch.bmm(hidden, mem["down"]).reshape(shape[:-1] + (mem["down"].shape[-1],))
 
 

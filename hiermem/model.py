@@ -233,14 +233,7 @@ class HierMemLM(nn.Module):
     def fetch(self, paths: torch.Tensor | None, use_generic: torch.Tensor | None = None,
               blocked: torch.Tensor | None = None, active: dict[int, ActiveRows] | None = None,
               ) -> FetchedMemory | None:
-        if self.bank is None:
-            return None
-        if paths is None:
-            if use_generic is None or not bool(use_generic.all()):
-                return None
-            paths = torch.zeros(use_generic.shape[0], self.bank.cfg.depth, dtype=torch.long,
-                                device=use_generic.device)
-        return self.bank.fetch(paths, use_generic=use_generic, blocked=blocked, active=active)
+        return None if self.bank is None else self.bank.fetch_for(paths, use_generic, blocked, active)
 
     def forward(self, tokens: torch.Tensor, segment_ids: torch.Tensor | None = None,
                 paths: torch.Tensor | None = None, use_generic: torch.Tensor | None = None,
