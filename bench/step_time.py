@@ -63,6 +63,9 @@ def main() -> None:
                         help="the bank's storage (bfloat16: as OptimConfig.bank_dtype on a GPU)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense bf16 peak, for MFU (default: 989 on an H100/H200, none elsewhere)")
+    parser.add_argument("--gather-matmul", default="both", choices=["auto", "off", "both"],
+                        help="FFN memory rows read in place by the matmuls (hiermem.gather_matmul: on CUDA with "
+                             "triton); both: also time the first bank with the gathered copy, side by side")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (bf16 autocast on CUDA, as in training)")
     parser.add_argument("--cpu-throughput", action="store_true",
@@ -99,6 +102,18 @@ def main() -> None:
             model.bank.store_as(torch.bfloat16)
         steppers[f"memory k={k}"] = TrainStepper(model, lr=1e-3, bank_lr=1e-3, weight_decay=0.0, bank_weight_decay=1e-3)
         banks[f"memory k={k}"] = (k, mem_acc)
+        if args.gather_matmul == "off":
+            model.bank.gather_matmul = False
+    copy_name = None
+    if args.gather_matmul == "both" and steppers[next(iter(banks))].model.bank.gather_matmul:
+        k, mem_acc = banks[next(iter(banks))]
+        model = HierMemLM(anchor_cfg, MemoryConfig(type="ffn", multipliers=units, branching=k, generic=True)).to(device)
+        if args.bank_dtype == "bfloat16":
+            model.bank.store_as(torch.bfloat16)
+        copy_name = f"memory k={k} copy"
+        steppers[copy_name] = TrainStepper(model, lr=1e-3, bank_lr=1e-3, weight_decay=0.0, bank_weight_decay=1e-3)
+        model.bank.gather_matmul = False
+        banks[copy_name] = (k, mem_acc)
     g = torch.Generator().manual_seed(0)
 
     def sync() -> None:  # CUDA kernels run asynchronously: time to completion
@@ -119,7 +134,8 @@ def main() -> None:
             if step >= 2:  # the first steps warm allocator and kernels
                 times[name].append(time.perf_counter() - start)
     median = {k: statistics.median(v) for k, v in times.items()}
-    first, last = list(banks)[0], list(banks)[-1]
+    grown = [name for name in banks if name != copy_name]
+    first, last = grown[0], grown[-1]
     ratio = median[first] / median["dense"]
     fetched = banks[first][1].fetched_params
     print(f"anchor tiny-d{args.depth}: {anchor_params:,} params; memory {units} ({fetched:,} fetched, "
@@ -143,7 +159,12 @@ def main() -> None:
     result = {"ratio_vs_dense_equal_flops": round(ratio, 4), "memory_step_s": round(median[first], 5),
               "dense_step_s": round(median["dense"], 5), "fetched_params": fetched, "anchor_params": anchor_params,
               "bank_params": banks[first][1].bank_params, "leaves": banks[first][0] ** args.tree_depth,
-              "bank_dtype": args.bank_dtype, "device": str(device), "device_name": where}
+              "bank_dtype": args.bank_dtype, "device": str(device), "device_name": where,
+              "gather_matmul": bool(steppers[first].model.bank.gather_matmul)}
+    if copy_name is not None:
+        result["gather_vs_copy"] = round(median[first] / median[copy_name], 4)
+        result["ratio_vs_dense_copy"] = round(median[copy_name] / median["dense"], 4)
+        print(f"  rows read in place / gathered copy = {result['gather_vs_copy']:.3f}")
     if peak:
         result["dense_mfu"] = round(dense_acc.flops_per_token * tokens_per_step / median["dense"] / (peak * 1e12), 4)
     if len(banks) > 1:

@@ -137,7 +137,9 @@ class HFMemoryLM(nn.Module):
             if self._fetched is None:
                 return output
             x = args[0]
-            mem = {name: t.to(x.dtype) for name, t in self._fetched.for_layer(layer).items()}
+            mem = self._fetched.for_layer(layer)
+            if isinstance(mem, dict):
+                mem = {name: t.to(x.dtype) for name, t in mem.items()}
             return output + ffn_memory(x, mem, act)
         return add_units
 

@@ -114,6 +114,9 @@ class MemoryBank(nn.Module):
             self.levels.append(nn.Parameter(torch.empty(n_nodes, numel)))
             self.generic.append(nn.Parameter(torch.empty(1 if cfg.generic else 0, numel)))
         self.fast = True  # fetch without the copies of the plain path (see `fetch`); same values
+        # FFN memories only: leave the rows in the bank and read them inside the memory's matmuls
+        # (`hiermem.gather_matmul`; set by the trainer on CUDA, or by hand); same values
+        self.gather_matmul = False
         # blocked nodes per level (not saved with the weights: blocking is an evaluation-time choice)
         for level in range(cfg.depth):
             self.register_buffer(f"blocked_{level}", torch.zeros(cfg.nodes_at_level(level), dtype=torch.bool),
@@ -229,6 +232,7 @@ class MemoryBank(nn.Module):
         parts: dict[str, list[torch.Tensor]] = {s.name: [] for s in self.specs}
         mask_parts, any_blocked = [], False
         n_layers = len(self.memory_layers)
+        gathered = [] if self.gather_matmul and self.cfg.type == "ffn" else None
         for level, r in enumerate(self.units):
             if r == 0:
                 continue
@@ -251,6 +255,11 @@ class MemoryBank(nn.Module):
             if use_generic is not None and bool(use_generic.any()):
                 table = torch.cat([table, self.generic[level]], dim=0)
                 pos = torch.where(use_generic, torch.full_like(pos, table.shape[0] - 1), pos)
+            if gathered is not None:  # the rows stay in the table; the matmuls read them (`GatheredFFN`)
+                gathered.append((table, pos, None if bool(keep.all()) else keep, r))
+                any_blocked = any_blocked or not bool(keep.all())
+                mask_parts.append(keep[:, None].expand(batch, r))
+                continue
             # index_select's backward is one index_add; indexing's is an accumulating index_put
             rows = table.index_select(0, pos) if self.fast else table[pos]  # (B, numel)
             if not bool(keep.all()):
@@ -262,6 +271,8 @@ class MemoryBank(nn.Module):
             pieces = rows.view(batch, n_layers, -1).split([r * spec.width for spec in self.specs], dim=2)
             for spec, piece in zip(self.specs, pieces):
                 parts[spec.name].append(piece.unflatten(2, (r, spec.width)))
+        if gathered is not None:
+            return self._gathered_memory(gathered, torch.cat(mask_parts, dim=1) if any_blocked else None)
         if self.fast:  # (layers, B, R, width) views: no copy when one level has units, one cat otherwise
             tensors = {name: (chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)).transpose(0, 1)
                        for name, chunks in parts.items()}
@@ -273,6 +284,26 @@ class MemoryBank(nn.Module):
             names, views = list(tensors), [t.unbind(0) for t in tensors.values()]
             layers = [dict(zip(names, per_layer)) for per_layer in zip(*views)]
         return FetchedMemory(tensors=tensors, unit_mask=unit_mask,
+                             layer_slot={layer: i for i, layer in enumerate(self.memory_layers)},
+                             memory_type=self.cfg.type, lora_alpha=self.cfg.lora_alpha, layers=layers)
+
+    def _gathered_memory(self, levels: list, unit_mask: torch.Tensor | None) -> FetchedMemory:
+        """Per memory layer a `GatheredFFN`: each level's table, rows and column offsets (the row of a node
+        holds, per memory layer, gate | up | down as (r, width) matrices one after the other)."""
+        from hiermem.gather_matmul import GatheredFFN, GatheredLevel
+        width = self.specs[0].width
+        layers = []
+        for slot in range(len(self.memory_layers)):
+            per_level = []
+            for table, pos, keep, r in levels:
+                per_layer = r * sum(s.width for s in self.specs)
+                starts, at = {}, slot * per_layer
+                for spec in self.specs:
+                    starts[spec.name] = at
+                    at += r * spec.width
+                per_level.append(GatheredLevel(table=table, pos=pos, keep=keep, offsets=starts, units=r, width=width))
+            layers.append(GatheredFFN(per_level))
+        return FetchedMemory(tensors={}, unit_mask=unit_mask,
                              layer_slot={layer: i for i, layer in enumerate(self.memory_layers)},
                              memory_type=self.cfg.type, lora_alpha=self.cfg.lora_alpha, layers=layers)
 

@@ -106,6 +106,9 @@ def ffn_memory(x: torch.Tensor, mem: Memory, act=F.silu) -> torch.Tensor:
     x: (B, T, d) (or grouped rows); gate/up/down: (B, R, d). With SiLU, equal to widening the anchor's
     SwiGLU by R hidden units (`hiermem.hf` passes a base model's own MLP activation).
     """
+    if not isinstance(mem, dict):  # `hiermem.gather_matmul.GatheredFFN`: the rows are still in the bank
+        x, shape = _grouped(x, mem.batch)
+        return mem.apply(x, act).reshape(shape)
     x, shape = _grouped(x, mem["gate"].shape[0])
     hidden = act(torch.bmm(x, mem["gate"].transpose(1, 2))) * torch.bmm(x, mem["up"].transpose(1, 2))
     return torch.bmm(hidden, mem["down"]).reshape(shape[:-1] + (mem["down"].shape[-1],))

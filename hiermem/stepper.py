@@ -7,11 +7,14 @@ measures the real path:
 - bank blocks: `SparseBankAdamW` over the rows the batch fetched (see `hiermem.optim`);
 - global gradient-norm clipping over all three;
 - bf16 autocast when running on CUDA, fp32 on CPU, where the output head and the cross-entropy are
-  fused (`hiermem.kernels`; `model.fast = False` gives the plain path).
+  fused (`hiermem.kernels`; `model.fast = False` gives the plain path);
+- on CUDA with triton installed, FFN memory rows are read in place by the memory's matmuls
+  (`hiermem.gather_matmul`; `model.bank.gather_matmul = False` gathers them, same values).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -21,6 +24,8 @@ from hiermem.kernels import fused_next_token_loss
 from hiermem.masks import loss_mask
 from hiermem.model import HierMemLM
 from hiermem.optim import SparseBankAdamW
+
+log = logging.getLogger(__name__)
 
 
 def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, segment_ids: torch.Tensor | None,
@@ -87,6 +92,12 @@ class TrainStepper:
         # bf16 autocast on CUDA, and wherever the bank is stored in a half type (`MemoryBank.store_as`)
         low_bank = model.bank is not None and any(p.dtype != torch.float32 for p in model.bank.levels if p.numel())
         self.autocast, self.device_type = device.type == "cuda" or low_bank, device.type
+        if model.bank is not None and device.type == "cuda" and model.bank.cfg.type == "ffn":
+            # FFN memory rows read in place by the matmuls (`hiermem.gather_matmul`), where triton runs
+            from hiermem.gather_matmul import kernel_available
+            model.bank.gather_matmul = kernel_available(device)
+            if not model.bank.gather_matmul:
+                log.info("gather-matmul: triton is not installed; the fetch gathers the rows (pip install triton)")
 
     def set_lr(self, lr: float, bank_lr: float | None = None) -> None:
         if self.opt is not None:

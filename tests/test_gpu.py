@@ -182,3 +182,32 @@ def test_bfloat16_bank_on_cuda_follows_the_float32_bank():
         moved = float((b - start[level]).abs().max())
         assert moved > 1e-3
         assert float((a - b).abs().max()) < 0.1 * moved + 2 ** -7 * float(a.abs().max())
+
+
+def test_rows_read_in_place_on_cuda_train_like_the_gathered_copy():
+    """The Triton gather-matmul on a GPU (the trainer turns it on where triton runs): three bf16-autocast
+    steps of an FFN memory model end where the same steps with the gathered copy end (bf16 rounding),
+    and the kernel was really used."""
+    pytest.importorskip("triton", reason="the gather-matmul kernel needs triton (pip install triton)")
+    cfg = ModelConfig(d_model=64, n_layers=2, n_heads=2, head_dim=32, ffn_dim=128, vocab_size=101, max_seq_len=64)
+    torch.manual_seed(0)
+    base = HierMemLM(cfg, MemoryConfig(type="ffn", multipliers=(8, 8), branching=4, generic=True))
+    with torch.no_grad():
+        for p in base.bank.levels:
+            p.normal_(0, 0.05)
+    states = {}
+    for in_place in (False, True):
+        model = HierMemLM(cfg, MemoryConfig(type="ffn", multipliers=(8, 8), branching=4, generic=True))
+        model.load_state_dict(base.state_dict())
+        model = model.cuda()
+        stepper = TrainStepper(model, lr=1e-3, bank_lr=1e-2)
+        assert model.bank.gather_matmul  # the trainer's choice on CUDA with triton
+        model.bank.gather_matmul = in_place
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            tokens = torch.randint(0, cfg.vocab_size, (4, 64), generator=g).cuda()
+            paths = torch.randint(0, 4, (4, 2), generator=g).cuda()
+            stepper.step(tokens, torch.zeros_like(tokens), paths)
+        states[in_place] = {k: v.float().cpu() for k, v in model.state_dict().items()}
+    for name, value in states[False].items():
+        assert float((states[True][name] - value).abs().max()) < 2e-2, name
