@@ -13,7 +13,7 @@ law), expressions (safe column arithmetic), data (loading and validation), scali
 Plotting is imported lazily, so fitting does not pull in matplotlib and seaborn.
 """
 
-from .compare import Comparison, HoldoutResult, compare_fits, compare_forms, holdout_largest, information_criteria
+from .compare import Comparison, HoldoutResult, compare_fits, compare_forms, holdout_forms, holdout_largest, information_criteria
 from .data import STANDARD_X, load_csv
 from .equivalence import EquivalenceResult, estimate_equivalence, solve_equivalent_n
 from .expressions import evaluate
@@ -23,7 +23,7 @@ from .identifiability import Identifiability, UnidentifiedFitWarning, identifiab
 from .synthetic import design_grid, simulate
 from .views import IsoFlopView, iso_runtime_view, isoflop_view
 
-_PLOTS = ("PlotFiles", "plot_bootstrap", "plot_comparison", "plot_equivalence", "plot_fit", "plot_holdout",
+_PLOTS = ("PlotFiles", "plot_bootstrap", "plot_comparison", "plot_equivalence", "plot_fit", "plot_holdout", "plot_holdout_forms",
           "plot_iso_runtime", "plot_isoflop", "save_figure")
 
 
@@ -38,7 +38,7 @@ __all__ = [
     "FORMS", "STANDARD_X", "Comparison", "EquivalenceResult", "FitResult", "Form", "HoldoutResult", "Identifiability",
     "IsoFlopView", "UnidentifiedFitWarning", "identifiability",
     "bootstrap_fit", "compare_fits", "compare_forms", "design_grid", "estimate_equivalence", "evaluate", "fit",
-    "get_form", "holdout_largest", "huber", "information_criteria", "iso_runtime_view", "isoflop_view",
+    "get_form", "holdout_forms", "holdout_largest", "huber", "information_criteria", "iso_runtime_view", "isoflop_view",
     "list_forms", "load_csv", "make_starts", "register_form", "simulate", "solve_equivalent_n", "Variable", *_PLOTS,
 ]
 

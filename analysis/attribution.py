@@ -507,8 +507,9 @@ def plot_against_size(runs: pd.DataFrame, path: str | Path, x: str = "fetched_pa
     are left out; metrics the table lacks or holds only NaN for are skipped."""
     import seaborn as sns
 
-    from .plots import axis_label, hue_map, save_figure
+    from .plots import axis_label, hue_map, log_axis, save_figure
     data = runs[runs[x] > 0].reset_index(drop=True)
+    handles: list = []
     metrics = [m for m in y if m in data and data[m].notna().any()]
     if data.empty or not metrics:
         raise ValueError(f"nothing to plot: no run with {x} > 0 and any of {list(y)}")
@@ -520,8 +521,12 @@ def plot_against_size(runs: pd.DataFrame, path: str | Path, x: str = "fetched_pa
     for ax, metric in zip(axes, metrics):
         sns.lineplot(data=data, x=x, y=metric, marker="o", ax=ax, estimator=None, sort=True,
                      **({"units": hue_kw["hue"]} if hue else {}), **hue_kw)
-        ax.set(xscale="log", xlabel=f"{axis_label(x)} (log scale)", ylabel=axis_label(metric), title=axis_label(metric))
-        if ax.get_legend() is not None and hue:
-            ax.get_legend().set_title(axis_label(hue))
+        log_axis(ax)
+        ax.set(xlabel=f"{axis_label(x)} (log scale)", ylabel=axis_label(metric), title=axis_label(metric))
+        if ax.get_legend() is not None:  # one legend for all panels, beside them (never on the data)
+            handles, labels = ax.get_legend_handles_labels()
+            ax.get_legend().remove()
+    if hue and handles:
+        fig.legend(handles, labels, title=axis_label(hue), loc="outside right upper", fontsize=8, title_fontsize=8)
     fig.suptitle(f"per-run metrics against {axis_label(x)}", fontsize=10)
     return save_figure(fig, data, path)

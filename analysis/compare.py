@@ -197,3 +197,29 @@ def holdout_largest(df: pd.DataFrame, form: str | Form, x: Mapping[str, str], y:
     table["abs_rel_error"] = np.abs(table["rel_error"])
     table["log_error"] = np.log(predicted) - np.log(observed)
     return HoldoutResult(fit=result, by=by, threshold=float(scale[held].min()), table=table)
+
+
+def holdout_forms(df: pd.DataFrame, forms: Sequence[str | Form], x: Mapping[str, str], y: str, *, by: str = "N",
+                  n_scales: int = 1, rtol: float = 0.05, **fit_kwargs) -> pd.DataFrame:
+    """`holdout_largest` for each form on the same rows: one row per form with its extrapolation errors
+    (`HoldoutResult.summary`), or NaN errors and the reason in `why` when the form cannot be fitted
+    without the largest scales (too few scales left, a variable missing) or its fit is not identified
+    (an unidentified fit's prediction is not an extrapolation of a law: its errors are left NaN)."""
+    rows = []
+    for form in forms:
+        name = get_form(form).name
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UnidentifiedFitWarning)
+                result = holdout_largest(df, form, x, y, by=by, n_scales=n_scales, rtol=rtol, **fit_kwargs)
+        except ValueError as error:
+            rows.append({"form": name, "by": by, "identified": False, "why": str(error)})
+            continue
+        row = result.summary()
+        if not result.fit.identified:
+            for key in ("mean_abs_rel_error", "max_abs_rel_error", "rmse_log"):
+                row[key] = np.nan
+        rows.append(row)
+    columns = ["form", "by", "threshold", "n_train", "n_holdout", "mean_abs_rel_error", "max_abs_rel_error",
+               "rmse_log", "converged", "identified", "why"]
+    return pd.DataFrame(rows).reindex(columns=columns)

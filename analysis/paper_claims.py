@@ -38,6 +38,10 @@ statistic cannot be computed (the `note` names the missing sweep, run, mode or c
                                blocking (mode `blocking_mode` of the `blocking` runs)
     k_at_10pct                 geometric-mean dense-equivalent multiplier k of the ~10%       > 2
                                memory rows (EquivalenceResult groups / table, with its CI)
+    sk_vs_dense_2x             mean over the longtail's anchor sizes of Avg-SK(A2, fetched)   > 0
+                               minus Avg-SK of the smallest `dense_ladder` model with >= 2x
+                               the anchor's parameters at the same total tokens (within 5%):
+                               the paper's k >= 2 on its own metric (Table 1: A2 vs B1)
 """
 
 from __future__ import annotations
@@ -98,9 +102,19 @@ CLAIMS = (
     PaperClaim("blocking_collapses", "Figure 6b", "blocking the matching memories removes the gain",
                "share of the fetched - none Avg-SK gain removed by the strongest blocking", threshold=0.5),
     PaperClaim("k_at_10pct", "Figure 1 (middle) / abstract", "anchor + ~10% memory ~ dense of > 2x its size",
-               "geometric-mean dense-equivalent multiplier k at ~10% memory", threshold=2.0),
+               "geometric-mean dense-equivalent multiplier k at ~10% memory (held-out loss, dense law)", threshold=2.0),
+    PaperClaim("sk_vs_dense_2x", "Table 1 (A2 vs B1) / abstract",
+               "160M + 18M fetched: Avg-SK 40.3 vs 40.9 for the 410M dense model (2.6x its size)",
+               "mean over anchor sizes of Avg-SK(A2, fetched) - Avg-SK(smallest dense ladder model >= 2x the "
+               "anchor, same total tokens) (points)"),
 )
 CLAIMS_BY_NAME = {c.claim: c for c in CLAIMS}
+# the study parts each claim's statistic is computed on (a failed run there withholds its verdict)
+CLAIM_PARTS = {"bank_monotone": ("hierarchy",), "fetch_monotone": ("hierarchy",), "deeper_more_efficient": ("depth_bank",),
+               "ffn_lora_kv": ("memory_type",), "early_worst": ("placement",), "fetched_generic_none": ("longtail",),
+               "gain_rare": ("longtail",), "a2_a3_a4": ("longtail",), "ratio_near_1_10": ("ratio",),
+               "blocking_collapses": ("blocking",), "k_at_10pct": ("longtail", "dense_ladder"),
+               "sk_vs_dense_2x": ("longtail", "dense_ladder")}
 
 
 def verdict(ci_low: float, ci_high: float, threshold: float = 0.0, window: tuple[float, float] | None = None) -> str:
@@ -307,19 +321,54 @@ def _claim_functions(s: _Stats, runs: pd.DataFrame, equivalence, blocking_mode: 
             boot = np.exp(np.nanmean(np.where(reps > 0, np.log(reps), np.nan), axis=-1))
         return point, boot
 
+    def sk_vs_dense_2x():
+        memory = _part(runs, "longtail", "memory-cotrain")
+        dense = runs[(_column(runs, "sweep") == "dense_ladder")]
+        if "fetched_params" in dense:
+            dense = dense[dense["fetched_params"].fillna(0) == 0]
+        if dense.empty:
+            raise Missing("no runs of the study part 'dense_ladder'")
+        tokens = _column(dense, "total_tokens").to_numpy(float)
+        diffs = []
+        for r in memory.itertuples(index=False):
+            row = r._asdict()
+            anchor, seen = float(row["anchor_params"]), float(row["total_tokens"])
+            same = dense[(np.abs(tokens / seen - 1) <= 0.05) & (dense["anchor_params"] >= 2 * anchor)]
+            if same.empty:
+                raise Missing(f"no dense ladder run of >= 2x {anchor:,.0f} parameters at {seen:,.0f} tokens")
+            bigger = str(same.sort_values("anchor_params")["run"].iloc[0])
+            diffs.append(s.diff(s.avg(str(row["run"]), "fetched"), s.avg(bigger, "none")))
+        return float(np.mean([d for d, _ in diffs])), np.mean(np.stack([b for _, b in diffs]), axis=0)
+
     return {"bank_monotone": bank_monotone, "fetch_monotone": fetch_monotone, "deeper_more_efficient": deeper,
             "ffn_lora_kv": ffn_lora_kv, "early_worst": early_worst, "fetched_generic_none": fetched_generic_none,
             "gain_rare": gain_rare, "a2_a3_a4": a2_a3_a4, "ratio_near_1_10": ratio,
-            "blocking_collapses": blocking, "k_at_10pct": k_claim}
+            "blocking_collapses": blocking, "k_at_10pct": k_claim, "sk_vs_dense_2x": sk_vs_dense_2x}
+
+
+def _failed_in(failed: pd.DataFrame | None, parts: tuple[str, ...]) -> str:
+    """'verdict withheld: ...' naming the failed runs of `parts`, or '' when none failed."""
+    if failed is None or failed.empty:
+        return ""
+    for column in ("run", "sweep"):
+        if column not in failed.columns:
+            raise ValueError(f"the failed-runs table has no {column!r} column (use hiermem.study.study_failed)")
+    lost = failed[failed["sweep"].isin(parts)]
+    if lost.empty:
+        return ""
+    names = ", ".join(f"{r.sweep}/{r.run}" for r in lost.itertuples())
+    return f"verdict withheld: {len(lost)} failed run(s) it depends on ({names})"
 
 
 def paper_claims(probes: pd.DataFrame, runs: pd.DataFrame, equivalence=None, metric: str = "correct",
                  n_boot: int = 1000, seed: int = 0, blocking_mode: str = "blocked-drop",
-                 ratio_runtime_rtol: float = 0.1) -> pd.DataFrame:
+                 ratio_runtime_rtol: float = 0.1, failed: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per claim of `CLAIMS` (columns `CLAIM_COLUMNS`): the statistic, its bootstrap 95% CI
     and the verdict by the module's rule; a claim whose input is missing is `undetermined` and its
     `note` names what is missing. `probes`: the study's probe tables with a `run` column; `runs`: one row
-    per run with `run`, `sweep` and the descriptors (module docstring)."""
+    per run with `run`, `sweep` and the descriptors (module docstring). `failed`: failed runs (`run`,
+    `sweep`; `hiermem.study.study_failed`): a claim computed on a part with failed runs keeps its
+    statistic and CI on the runs that finished, but its verdict is `undetermined` and the note names them."""
     if "run" not in probes.columns:
         raise ValueError("the probe table has no 'run' column (load it with analysis.load_probe_results)")
     runs = runs.copy()
@@ -343,6 +392,10 @@ def paper_claims(probes: pd.DataFrame, runs: pd.DataFrame, equivalence=None, met
         finite = finite[np.isfinite(finite)]
         lo, hi = (np.percentile(finite, [2.5, 97.5]) if len(finite) else (np.nan, np.nan))
         note = "" if len(finite) else "no finite bootstrap value"
+        decided = verdict(float(lo), float(hi), c.threshold, c.window)
+        lost = _failed_in(failed, CLAIM_PARTS[c.claim])
+        if lost:
+            decided, note = "undetermined", (note + "; " if note else "") + lost
         rows.append({**row, "ours": float(point), "ci_low": float(lo), "ci_high": float(hi),
-                     "verdict": verdict(float(lo), float(hi), c.threshold, c.window), "note": note})
+                     "verdict": decided, "note": note})
     return pd.DataFrame(rows, columns=list(CLAIM_COLUMNS))

@@ -17,11 +17,14 @@ import numpy as np
 import pandas as pd
 
 from .claims import Table
-from .plots import PlotFiles, save_figure
+from .plots import PlotFiles, log_axis, save_figure
 
 MODE_LABELS = {"none": "no memory", "generic": "generic block", "fetched": "fetched memory"}
 TYPE_ORDER = ("ffn", "lora-ffn", "lora-qk", "lora-vo", "kv")
 PLACEMENT_ORDER = ("early", "middle", "late", "uniform")
+LEVEL_ORDER = (1, 2, 3)
+LONGTAIL_ORDER = ("anchor (no memory)", "dense, same total tokens", "A4 from scratch + memory", "A3 frozen + memory",
+                  "A2 co-trained + memory")
 
 
 def _avg_sk(table: Table, run: str, mode: str) -> dict:
@@ -69,33 +72,57 @@ def _missing(ax, what: str) -> None:
 def _lines(ax, data: pd.DataFrame, x: str, hue: str, order: Sequence | None = None, logx: bool = True,
            hue_label: str | None = None) -> None:
     import seaborn as sns
-    keys = [k for k in (order or sorted(data[hue].unique(), key=str)) if k in set(data[hue])]
-    palette = dict(zip(keys, sns.color_palette("colorblind", len(keys))))
+    full = list(order) if order else sorted(data[hue].unique(), key=str)
+    palette = dict(zip(full, sns.color_palette("colorblind", len(full))))  # a concept's colour never moves
+    keys = [k for k in full if k in set(data[hue])]
     for key in keys:
         s = data[data[hue] == key].sort_values(x)
         ax.errorbar(s[x], s["avg_sk"], yerr=[s["avg_sk"] - s["lo"], s["hi"] - s["avg_sk"]], marker="o", ms=4,
                     capsize=2, lw=1.2, color=palette[key], label=str(key))
     if logx:
-        ax.set_xscale("log")
-    ax.legend(title=hue_label or hue.replace("_", " "), fontsize=8, title_fontsize=8, loc="upper left",
-              bbox_to_anchor=(1.01, 1))
+        log_axis(ax)
+
+
+def _legend(ax, title: str | None) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(title=title, fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+
+
+def _mark_failed(ax, failed: pd.DataFrame | None, x: str | None = None) -> None:
+    """Failed runs of the figure's part: a red x at their position on the x axis (where `x` is known)
+    and their labels under the axes, so a missing point is never mistaken for an absent experiment."""
+    if failed is None or failed.empty:
+        return
+    if x is not None and x in failed.columns:
+        xs = pd.to_numeric(failed[x], errors="coerce").dropna()
+        if len(xs):
+            ax.scatter(xs, np.zeros(len(xs)), marker="x", s=50, color="tab:red", clip_on=False, zorder=5,
+                       transform=ax.get_xaxis_transform(), label="failed run (no score)")
+    labels = "; ".join(str(v) for v in failed.get("label", failed.get("run", pd.Series(dtype=str))))
+    ax.annotate(textwrap.fill(f"{len(failed)} failed run(s), not drawn: {labels}", 95), (0, 0),
+                xycoords="axes fraction", xytext=(0, -36), textcoords="offset points", va="top", fontsize=7,
+                color="tab:red", annotation_clip=False)
 
 
 def plot_against(data: pd.DataFrame, x: str, hue: str, path: str | Path, title: str, xlabel: str,
-                 order: Sequence | None = None, logx: bool = True, hue_label: str | None = None) -> PlotFiles:
-    """Avg-SK (with CIs) against `x`, one line per `hue` value (legend titled `hue_label`) beside the axes."""
+                 order: Sequence | None = None, logx: bool = True, hue_label: str | None = None,
+                 failed: pd.DataFrame | None = None) -> PlotFiles:
+    """Avg-SK (with CIs) against `x`, one line per `hue` value (legend titled `hue_label`) beside the axes;
+    `failed` runs of the part (`hiermem.study.study_failed`) are marked on the x axis and named."""
     fig, ax = _figure(title)
     if data.empty:
         _missing(ax, title)
     else:
         _lines(ax, data, x, hue, order, logx, hue_label)
+    _mark_failed(ax, failed, x)
+    _legend(ax, hue_label or hue.replace("_", " "))
     ax.set(xlabel=xlabel, ylabel="Avg-SK (%, greedy exact match)")
     return save_figure(fig, data, path)
 
 
 def plot_bars(data: pd.DataFrame, x: str, path: str | Path, title: str, xlabel: str,
-              order: Sequence | None = None) -> PlotFiles:
-    """Avg-SK (with CIs) per category of `x`."""
+              order: Sequence | None = None, failed: pd.DataFrame | None = None) -> PlotFiles:
+    """Avg-SK (with CIs) per category of `x`; `failed` runs of the part are named under the axes."""
     fig, ax = _figure(title, width=5.6)
     if data.empty:
         _missing(ax, title)
@@ -105,6 +132,7 @@ def plot_bars(data: pd.DataFrame, x: str, path: str | Path, title: str, xlabel: 
         ax.bar(range(len(d)), d["avg_sk"], yerr=[d["avg_sk"] - d["lo"], d["hi"] - d["avg_sk"]], capsize=3,
                color="tab:blue", label="fetched memory (95% CI)")
         ax.set_xticks(range(len(d)), [str(k) for k in keys])
+    _mark_failed(ax, failed)
     ax.set(xlabel=xlabel, ylabel="Avg-SK (%, greedy exact match)")
     return save_figure(fig, data, path)
 
@@ -133,13 +161,11 @@ def longtail_table(probes: pd.DataFrame, runs: pd.DataFrame, n_boot: int = 1000)
     return pd.concat(rows, ignore_index=True)
 
 
-def plot_longtail(table: pd.DataFrame, path: str | Path) -> PlotFiles:
+def plot_longtail(table: pd.DataFrame, path: str | Path, failed: pd.DataFrame | None = None) -> PlotFiles:
     """Figure 1 (middle) analog: Avg-SK per anchor size (log x) for the anchor, memory models and dense control."""
     return plot_against(table, "anchor_params", "model", path,
                         "Figure 1 (middle) / Table 1 analog: ~10% memory against anchor size",
-                        "anchor parameters (log scale)",
-                        order=["anchor (no memory)", "dense, same total tokens", "A4 from scratch + memory",
-                               "A3 frozen + memory", "A2 co-trained + memory"])
+                        "anchor parameters (log scale)", order=LONGTAIL_ORDER, hue_label="model", failed=failed)
 
 
 def longtail_series(runs: pd.DataFrame) -> dict[str, tuple[str, str]]:
@@ -187,9 +213,21 @@ def plot_blocking_curve(table: pd.DataFrame, path: str | Path) -> PlotFiles:
             ax.axhline(ref.avg_sk, color="gray", lw=0.8, ls="--")
             ax.text(1.0, ref.avg_sk, f" {ref.policy}", transform=ax.get_yaxis_transform(), va="center", fontsize=7)
         if not curves.empty:
-            _lines(ax, curves.assign(policy="blocked, " + curves["policy"]), "fraction", "policy", logx=False)
+            _lines(ax, curves.assign(policy="blocked, " + curves["policy"]), "fraction", "policy",
+                   order=["blocked, drop", "blocked, reroute"], logx=False)
+            _legend(ax, "policy")
     ax.set(xlabel="fraction of the bank's level-1 blocks blocked", ylabel="Avg-SK (%, greedy exact match)")
     return save_figure(fig, table, path)
+
+
+SCALING_NOTEBOOKS = {
+    "scaling_memory": "the memory laws on the hierarchy, depth_bank and longtail runs with the dense ladder: "
+                      "AIC/BIC per form (`tables/form_comparison.csv`), error extrapolating to the largest bank "
+                      "(`tables/holdout_largest_bank.csv`), fitted parameters (`tables/form_parameters.csv`)",
+    "scaling_depth_anchor": "the dense Chinchilla fit (`tables/dense_fit_parameters.csv`) and its extrapolation "
+                            "to the largest anchor, k per anchor size and stage with bootstrap CIs "
+                            "(`tables/equivalence_by_anchor.csv`), the memory laws' hold-out errors",
+}
 
 
 def write_results_readme(paper_dir: str | Path, claims: pd.DataFrame, figures: Sequence[tuple[str, str]],
@@ -211,6 +249,10 @@ def write_results_readme(paper_dir: str | Path, claims: pd.DataFrame, figures: S
     lines += ["", "## Figures", ""]
     for title, stem in figures:
         lines += [f"### {title}", "", f"![{title}]({stem}.png)", "", f"Data: [`{stem}.csv`]({stem}.csv)", ""]
+    lines += ["## Scaling laws", "", f"Written by `hiermem notebooks run scaling_memory scaling_depth_anchor --scale {scale}` "
+              "(after this notebook; they reuse its runs): the fitted-law tables and their figures.", ""]
+    for name, what in SCALING_NOTEBOOKS.items():
+        lines.append(f"- [`{name}/`]({name}/): {what}")
     path = paper_dir / "README.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

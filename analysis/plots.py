@@ -8,6 +8,8 @@ are built with `matplotlib.figure.Figure`, not pyplot: no global state, no GUI b
 
 from __future__ import annotations
 
+import textwrap
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +77,30 @@ LABELS = {
     "cfg.data.tree.depth": "tree depth", "cfg.memory.type": "memory type", "cfg.memory.placement": "memory placement",
     "cfg.memory.multipliers": "memory units per level (r1, r2, ...)", "memory_level": "memory level",
     "N": "anchor parameters N", "D": "training tokens D", "F": "fetched memory parameters F", "M": "bank parameters M",
+    "kind": "model", "cfg.stage": "training stage",
 }
+
+
+def _short(value: float, _pos=None) -> str:
+    """Tick label of a count: 300k, 1M, 2.5M, 1.2B."""
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= size:
+            return f"{value / size:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def log_axis(ax, axis: str = "x") -> None:
+    """A log scale whose ticks never collide: labelled ticks at 1, 2 and 5 per decade (fewer when the range
+    spans many decades) written as 300k / 1M / 2.5M, unlabelled minor ticks."""
+    from matplotlib.ticker import LogLocator, NullFormatter
+    getattr(ax, f"set_{axis}scale")("log")
+    target = getattr(ax, f"{axis}axis")
+    ax.autoscale_view()
+    lo, hi = getattr(ax, f"get_{axis}lim")()
+    decades = np.log10(hi / lo) if 0 < lo < hi else 3
+    target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades < 2 else (1.0,)))
+    target.set_major_formatter(_short)
+    target.set_minor_formatter(NullFormatter())
 
 
 def axis_label(column: str) -> str:
@@ -112,15 +137,20 @@ def plot_fit(result: FitResult, path: str | Path) -> PlotFiles:
     second = result.form.variable_names[1] if len(result.form.variable_names) > 1 else None
     fig, (ax, ax_res) = _figure(2)
     hue = hue_map(data, second)
+    if "hue" in hue and second is not None:  # the legend names the variable, not the column
+        data = data.rename(columns={second: axis_label(second)})
+        hue = hue_map(data, axis_label(second))
     sns.scatterplot(data=data, x=first, y="observed", style="set", ax=ax, **hue)
-    ax.scatter(data[first], data["predicted"], marker="x", s=14, color="black", label="fit", linewidths=0.8)
-    ax.set(xscale="log", xlabel=f"{axis_label(first)} ({axis_label(result.x[first])}, log scale)",
-           ylabel=axis_label(result.y_name),
+    ax.scatter(data[first], data["predicted"], marker="x", s=14, color="black", label="the law's prediction",
+               linewidths=0.8)
+    log_axis(ax)
+    ax.set(xlabel=f"{axis_label(first)} (log scale)", ylabel=axis_label(result.y_name),
            title=f"{result.form.name}: {result.form.formula}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     sns.scatterplot(data=data, x="predicted", y="log_residual", hue="set", ax=ax_res, legend=False)
     ax_res.axhline(0, color="black", lw=0.8)
-    ax_res.set(xlabel="predicted", ylabel="log(predicted) - log(observed)", title="residuals")
+    ax_res.set(xlabel=f"predicted {axis_label(result.y_name)}", ylabel="log(predicted) - log(observed)",
+               title="residuals")
     return save_figure(fig, data, path)
 
 
@@ -184,7 +214,7 @@ def plot_iso_runtime(view: pd.DataFrame, path: str | Path, hue: str | None = Non
     """
     data = view.reset_index(drop=True)
     data["tokens_group"] = scale_groups(data["tokens"].to_numpy(), 0.05) if "tokens" in data else 0
-    fig, (ax,) = _figure(1, width=6.5, height=4.8)
+    fig, (ax,) = _figure(1, width=8.0, height=4.8)
     hue_kw = hue_map(data, hue) if hue else {"hue": "kind"}
     sns.scatterplot(data=data, x="runtime_params", y="loss", style="kind", ax=ax, zorder=3, **hue_kw)
     for _, dense in data[data["kind"] == "dense"].groupby("tokens_group"):
@@ -198,16 +228,20 @@ def plot_iso_runtime(view: pd.DataFrame, path: str | Path, hue: str | None = Non
         ax.vlines(mem["runtime_params"], mem["loss"], mem["dense_loss_at_runtime"], color="tab:red", lw=0.8,
                   label="gain over dense law at equal runtime params", zorder=2)
         ax.scatter(mem["runtime_params"], mem["dense_loss_at_runtime"], marker="_", s=80, color="tab:red", zorder=2)
-    ax.set(xscale="log", xlabel="runtime parameters (anchor + fetched, log scale)", ylabel=LABELS["loss"],
-           title="iso-runtime parameters")
-    ax.legend(fontsize=7)
+    log_axis(ax)
+    ax.set(xlabel="runtime parameters (anchor + fetched, log scale)", ylabel=LABELS["loss"],
+           title="loss against runtime parameters")
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles, [axis_label(t) if t in LABELS or t in ("kind",) else t for t in labels], fontsize=7,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return save_figure(fig, data, path)
 
 
 def _note(ax, text: str, width: int = 70) -> None:
     """Why something is not drawn, wrapped, in the top left of the axes."""
     import textwrap
-    ax.text(0.01, 0.98, textwrap.fill(text, width), transform=ax.transAxes, va="top", fontsize=7, color="tab:red")
+    wrapped = "\n".join(textwrap.fill(line, width) for line in text.splitlines())
+    ax.text(0.01, 0.98, wrapped, transform=ax.transAxes, va="top", fontsize=7, color="tab:red")
 
 
 def plot_equivalence(result: EquivalenceResult, path: str | Path) -> PlotFiles:
@@ -245,8 +279,35 @@ def plot_holdout(result: HoldoutResult, path: str | Path) -> PlotFiles:
     sns.scatterplot(data=data, x="observed", y="predicted", hue="set", ax=ax)
     lims = [data[["observed", "predicted"]].min().min(), data[["observed", "predicted"]].max().max()]
     ax.plot(lims, lims, color="black", lw=0.8)
-    ax.set(xscale="log", yscale="log", title=f"hold out {result.by} >= {result.threshold:.3g}: "
-           f"mean |rel err| {result.mean_abs_rel_error:.2%}")
+    ax.set(xscale="log", yscale="log", xlabel=f"observed {axis_label(result.fit.y_name)}", ylabel=f"predicted {axis_label(result.fit.y_name)}",
+           title=f"hold out {result.by} >= {result.threshold:.3g}: mean |rel err| {result.mean_abs_rel_error:.2%}")
+    return save_figure(fig, data, path)
+
+
+HOLDOUT_SCALES = {"N": "anchor size", "M": "fetched size", "Bk": "bank size", "D": "token budget"}
+
+
+def plot_holdout_forms(table: pd.DataFrame, path: str | Path, title: str | None = None) -> PlotFiles:
+    """Extrapolation error per form (`holdout_forms`): mean and max |relative error| on the held-out
+    largest scales, in percent; a form without a number (not identified, not fittable) is named with
+    its reason below the axes."""
+    data = table.assign(mean_pct=100 * table["mean_abs_rel_error"], max_pct=100 * table["max_abs_rel_error"])
+    long = data.melt(id_vars="form", value_vars=["mean_pct", "max_pct"], var_name="error", value_name="percent")
+    long["error"] = long["error"].map({"mean_pct": "mean |rel. error|", "max_pct": "max |rel. error|"})
+    fig, (ax,) = _figure(1, width=6.5, height=4.5)
+    if long["percent"].notna().any():
+        sns.barplot(data=long, x="form", y="percent", hue="error", ax=ax)
+        ax.get_legend().remove()
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside upper center", ncol=2, frameon=False)
+    else:
+        ax.set_xticks([])
+    missing = data[data["mean_abs_rel_error"].isna()]
+    reasons = "\n".join(textwrap.fill(f"{r.form}: no error ({str(r.why).split(';')[0]})", 110)
+                         for r in missing.itertuples())  # the first reason; the table's `why` has them all
+    by = table["by"].iloc[0] if len(table) else "scale"
+    ax.set_ylabel("error predicting held-out runs (%)")
+    ax.set_xlabel(reasons, fontsize=7, color="tab:red", loc="left")
+    ax.set_title(title or f"extrapolation to the largest {HOLDOUT_SCALES.get(by, by)} (fitted without it)")
     return save_figure(fig, data, path)
 
 

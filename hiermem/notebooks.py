@@ -144,7 +144,8 @@ def run_notebook(name: str, out_dir: str | Path = "results/notebooks", parameter
     return executed
 
 
-NOTEBOOK_SCALES = {"paper_figures": ("smoke", "study")}  # the others: smoke and small
+NOTEBOOK_SCALES = {"paper_figures": ("smoke", "study"), "scaling_memory": ("smoke", "small", "study"),
+                   "scaling_depth_anchor": ("smoke", "small", "study")}  # the others: smoke and small
 DEFAULT_SCALES = ("smoke", "small")
 
 
@@ -257,25 +258,6 @@ def sweep_spec(spec: str | Path, data_root: str | None = None, **fields: Any):
         base["data"] = {**(base.get("data") or {}), "root": data_root}
         data["base"] = base
     return SweepSpec.from_dict(data)
-
-
-def scaling_rows(results: pd.DataFrame, memory_mode: str = "fetched", dense_mode: str = "none") -> pd.DataFrame:
-    """One row per finished run of a sweep results table (`hiermem.sweep.load_results`), as the
-    scaling fits expect: memory runs scored with `memory_mode`, dense runs (no fetched parameters)
-    with `dense_mode`; `kind` says which. `total_tokens` (recorded by each run: its tokens plus those
-    of the run it was initialised from, `parent_run_id`) is the data the model has seen, which is what
-    a dense model of equal training data is compared at.
-    """
-    ok = results[results["status"] == "ok"]
-    memory = ok["fetched_params"].fillna(0) > 0
-    rows = ok[ok["mode"] == memory.map({True: memory_mode, False: dense_mode})].copy()
-    if rows.empty:
-        raise ValueError(f"no finished run has the mode {memory_mode!r} (memory) or {dense_mode!r} (dense)")
-    rows["kind"] = (rows["fetched_params"].fillna(0) > 0).map({True: "memory", False: "dense"})
-    if "total_tokens" not in rows.columns or rows["total_tokens"].isna().any():
-        raise ValueError("the results table lacks total_tokens for some runs (recorded since runs name their "
-                         "parent run); re-run `hiermem sweep run` on the sweep to refresh its records")
-    return rows.reset_index(drop=True)
 
 
 # ------------------------------------------------------------------------------------ strip / check

@@ -22,6 +22,8 @@ from hiermem.checkpoint import load_model
 from hiermem.data.pipeline import build_data
 from hiermem.evaluate import EvalConfig, probe_rows, score_probes, select_probes
 from hiermem.executors import Executor, LocalExecutor
+from hiermem.notebooks import sweep_spec
+from hiermem.results import scaling_rows
 from hiermem.rundir import RunDir
 from hiermem.scales import check
 from hiermem.sweep import SweepSpec, load_spec, plan, run_sweep
@@ -85,6 +87,18 @@ def study_runs(results: Mapping[str, pd.DataFrame], sweeps_dir: str | Path = "re
     return runs
 
 
+def study_failed(results: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """The failed runs of each part, one row per run: `run`, `sweep` (the part), `label`, `error` and the
+    planned accounting (`fetched_params`, `bank_params`, ...), for the figures to mark and the claims that
+    depend on them to withhold a verdict."""
+    frames = [table[table["status"] == "failed"].drop_duplicates("run_id").assign(sweep=part)
+              for part, table in results.items() if not table.empty and "status" in table]
+    frames = [f.assign(run=f["run_id"]) for f in frames if not f.empty]
+    if not frames:
+        return pd.DataFrame(columns=["run", "sweep", "label", "error"])
+    return pd.concat(frames, ignore_index=True)
+
+
 def study_probes(runs: pd.DataFrame) -> pd.DataFrame:
     """The probe tables of the runs (one row per run, probe and mode); `run` is the run id."""
     from analysis.attribution import load_probe_results
@@ -129,7 +143,6 @@ def study_equivalence(results: Mapping[str, pd.DataFrame], bootstrap: int = 200)
     `total_tokens`), solved at each memory run's loss (`analysis.estimate_equivalence`; an unidentified
     dense fit gives k = NaN and the reason, not numbers)."""
     from analysis import estimate_equivalence
-    from hiermem.notebooks import scaling_rows
     frames = [results[p] for p in ("dense_ladder", "longtail") if p in results and not results[p].empty]
     if not frames:
         raise ValueError("neither the dense_ladder nor the longtail part has results")
@@ -140,3 +153,50 @@ def study_equivalence(results: Mapping[str, pd.DataFrame], bootstrap: int = 200)
         raise ValueError("no co-trained memory run of the longtail part finished")
     return estimate_equivalence(dense, memory, x={"N": "anchor_params", "D": "total_tokens"}, y="loss",
                                 bootstrap=bootstrap)
+
+
+# ------------------------------------------------------------------------------- notebook recipes
+def study_scaling_rows(results: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """The scaling rows (`hiermem.results.scaling_rows`: memory runs scored `fetched`, dense runs `none`)
+    of several parts in one table, each run once (an anchor or dense control shared by parts keeps the
+    first part's name in `sweep`)."""
+    frames = [scaling_rows(table).assign(sweep=part) for part, table in results.items()
+              if not table.empty and (table["status"] == "ok").any()]
+    if not frames:
+        raise ValueError(f"no finished run in the study parts {', '.join(results)}")
+    return pd.concat(frames, ignore_index=True).drop_duplicates("run_id").reset_index(drop=True)
+
+
+def _is_study(recipe: Mapping) -> bool:
+    if "parts" in recipe:
+        unknown = [p for p in recipe["parts"] if p not in PARTS]
+        extra = sorted(set(recipe) - {"parts", "scale"})
+        if unknown or extra:
+            raise ValueError(f"a study recipe has `parts` (of {', '.join(PARTS)}) and optionally `scale`; "
+                             f"got unknown parts {unknown} and keys {extra}")
+        return True
+    if "spec" not in recipe:
+        raise ValueError(f"a sweep recipe needs `spec` (a sweep YAML) or `parts` (study parts); got {dict(recipe)!r}")
+    return False
+
+
+def recipe_plan(recipe: Mapping, sweeps_dir: str | Path = "results/sweeps", data_root: str | None = None) -> pd.DataFrame:
+    """The accounting plan of a notebook's sweep recipe: {"spec": YAML, **fields} (`sweep_spec`) or
+    {"parts": [...], "scale": "study"} (those study parts at that scale, default as written), one row per
+    run (`sweep` names its spec)."""
+    if _is_study(recipe):
+        scale = recipe.get("scale", "study")
+        return pd.concat([plan(study_spec(p, scale, data_root), sweeps_dir).table().assign(sweep=p)
+                          for p in recipe["parts"]], ignore_index=True)
+    return plan(sweep_spec(**recipe, data_root=data_root), sweeps_dir).table()
+
+
+def recipe_rows(recipe: Mapping, sweeps_dir: str | Path = "results/sweeps", data_root: str | None = None,
+                executor: Executor | None = None) -> pd.DataFrame:
+    """Run (or reuse) a notebook's sweep recipe and return its scaling rows: a spec's
+    (`scaling_rows(run_sweep(...))`) or the study parts' (`study_scaling_rows(run_study(...))`)."""
+    executor = executor or LocalExecutor(threads=1)
+    if _is_study(recipe):
+        results = run_study(recipe.get("scale", "study"), sweeps_dir, recipe["parts"], data_root, executor)
+        return study_scaling_rows(results)
+    return scaling_rows(run_sweep(sweep_spec(**recipe, data_root=data_root), out=sweeps_dir, executor=executor))

@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import compare_fits, compare_forms, design_grid, fit, holdout_largest, information_criteria, simulate
+from analysis import (compare_fits, compare_forms, design_grid, fit, holdout_forms, holdout_largest, information_criteria,
+                      simulate)
 
 X = {r: r for r in ("N", "M", "Bk", "D")}
 FORMS = ["chinchilla", "memory_effective", "memory_additive"]
@@ -81,3 +82,27 @@ def test_holdout_needs_a_scale_left_to_fit():
                     design_grid(N=[1e8], D=np.geomspace(1e9, 1e11, 8)))
     with pytest.raises(ValueError, match="cannot hold out the 1 largest of 1 distinct scales of 'N'"):
         holdout_largest(runs, "chinchilla", {"N": "N", "D": "D"}, "loss")
+
+
+def test_holdout_forms_reports_each_form_and_never_an_error_from_an_unidentified_fit():
+    """Bugs caught: a form that cannot be fitted without the largest scale aborting the whole table; an
+    unidentified fit's prediction reported as an extrapolation error; rows not matching holdout_largest."""
+    true = dict(A=406.4, B=410.7, E=1.69, alpha=0.34, beta=0.28)
+    runs = simulate("chinchilla", true, design_grid(N=np.geomspace(1e7, 3e9, 5), D=np.geomspace(1e9, 3e11, 4)),
+                    noise=0.005, seed=4)
+    table = holdout_forms(runs, ["chinchilla", "power_law"], {"N": "N", "D": "D"}, "loss", by="N", max_starts=200)
+    assert list(table["form"]) == ["chinchilla", "power_law"]
+    direct = holdout_largest(runs, "chinchilla", {"N": "N", "D": "D"}, "loss", by="N", max_starts=200)
+    row = table.iloc[0]
+    assert row["identified"] and row["n_holdout"] == 4 and row["n_train"] == 16
+    assert row["mean_abs_rel_error"] == pytest.approx(direct.mean_abs_rel_error, rel=1e-6) and row["mean_abs_rel_error"] < 0.03
+
+    # two sizes: without the largest one size is left, so Chinchilla is not identified -> NaN errors, a reason
+    two = simulate("chinchilla", true, design_grid(N=[1e7, 1e8], D=np.geomspace(1e9, 3e11, 8)), noise=0.005)
+    table = holdout_forms(two, ["chinchilla"], {"N": "N", "D": "D"}, "loss", by="N", max_starts=50)
+    assert not table["identified"].iloc[0] and np.isnan(table["mean_abs_rel_error"].iloc[0])
+    assert "distinct" in table["why"].iloc[0]
+    # one size: nothing left to fit on -> the refusal is the reason, not an exception
+    one = runs[runs["N"] == runs["N"].min()]
+    table = holdout_forms(one, ["chinchilla"], {"N": "N", "D": "D"}, "loss", by="N")
+    assert "cannot hold out the 1 largest of 1 distinct scales" in table["why"].iloc[0]

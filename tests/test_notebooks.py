@@ -182,7 +182,7 @@ def test_scaling_memory_notebook_at_smoke_scale(smoke_data_config, tmp_path):
     _executed_ok(executed, out)
     _files(out, "tables/plan.csv", "tables/runs.csv", "tables/dense_fit_parameters.csv", "tables/iso_runtime.csv",
            "tables/form_comparison.csv", "tables/form_parameters.csv", "tables/equivalence_by_config.csv",
-           "dense_fit.png", "iso_runtime.png", "form_comparison.png", "memory_effective_fit.png", "equivalence.png",
+           "tables/holdout_largest_bank.csv", "holdout_largest_bank.png", "dense_fit.png", "iso_runtime.png", "form_comparison.png", "memory_effective_fit.png", "equivalence.png",
            "metrics_vs_fetched.png", "metrics_vs_bank.png")
     runs = pd.read_csv(out / "tables" / "runs.csv")
     assert (runs["status"] == "ok").all() and set(runs["kind"]) == {"dense", "memory"}
@@ -202,12 +202,14 @@ def test_scaling_depth_anchor_notebook_at_smoke_scale(smoke_data_config, tmp_pat
     _executed_ok(executed, out)
     _files(out, "tables/depth_runs.csv", "tables/depth_summary.csv", "tables/anchor_runs.csv",
            "tables/dense_fit_parameters.csv", "tables/iso_runtime.csv", "tables/equivalence_by_anchor.csv",
-           "tables/form_comparison.csv", "depth_vs_bank.png", "dense_fit.png", "iso_runtime.png", "equivalence.png",
+           "tables/form_comparison.csv", "tables/holdout_largest_anchor.csv", "tables/dense_holdout_largest_anchor.csv",
+           "holdout_largest_anchor.png", "dense_holdout_largest_anchor.png", "depth_vs_bank.png", "dense_fit.png", "iso_runtime.png", "equivalence.png",
            "form_comparison.png", "metrics_vs_anchor.png")
     depth = pd.read_csv(out / "tables" / "depth_summary.csv")
     memory = depth[depth["kind"] == "memory"]
     assert memory["fetched_params"].nunique() == 1 and memory["bank_params"].nunique() == 4  # same budget, 4 banks
-    assert len(pd.read_csv(out / "tables" / "equivalence_by_anchor.csv")) == 2
+    k = pd.read_csv(out / "tables" / "equivalence_by_anchor.csv")
+    assert len(k) == 2 and set(k["cfg.stage"]) == {"memory-cotrain"}  # one row per anchor size and stage
 
 
 # ------------------------------------------------------------------------------ run: failures, scales, no outside files
@@ -323,10 +325,25 @@ def test_paper_figures_notebook_at_smoke_scale(tmp_path):
     to_run = re.findall(r"(\d+) to run on", again.read_text())
     assert len(to_run) == 8 and set(to_run) == {"0"}  # every part's runs were reused
 
+    # The scaling notebooks' study recipe on the same runs (the parts at smoke size): every run is reused,
+    # each shared run appears once, and the hold-out and k tables are written where paper_dir says.
+    recipe = {"parts": ["hierarchy", "depth_bank", "longtail", "dense_ladder"], "scale": "smoke"}
+    laws = tmp_path / "laws"
+    executed = run_notebook("scaling_memory", tmp_path / "study", scale="study",
+                            parameters={**params, "paper_dir": str(laws), "sweeps": {"study": recipe}})
+    assert set(re.findall(r"(\d+) to run on", executed.read_text())) == {"0"}
+    _files(laws, "tables/holdout_largest_bank.csv", "holdout_largest_bank.png", "tables/form_comparison.csv",
+           "tables/equivalence_by_config.csv")
+    rows = pd.read_csv(laws / "tables" / "runs.csv")
+    assert rows["run_id"].is_unique and set(rows["sweep"]) == set(recipe["parts"])
+    assert set(pd.read_csv(laws / "tables" / "holdout_largest_bank.csv")["form"]) == \
+        {"chinchilla", "memory_effective", "memory_additive"}
+
 
 def test_a_scale_a_notebook_has_no_recipe_for_is_refused_or_skipped(capsys):
     from hiermem.notebooks import notebook_scales, run_all
-    assert notebook_scales("paper_figures") == ("smoke", "study") and notebook_scales("scaling_memory") == ("smoke", "small")
+    assert notebook_scales("paper_figures") == ("smoke", "study")
+    assert notebook_scales("scaling_memory") == notebook_scales("scaling_depth_anchor") == ("smoke", "small", "study")
     with pytest.raises(ValueError, match="notebook 'chinchilla_check' has no recipe for scale 'study'; it runs at: smoke, small"):
         run_notebook("chinchilla_check", scale="study")
     with pytest.raises(ValueError, match="notebook 'paper_figures' has no recipe for scale 'small'"):

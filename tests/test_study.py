@@ -117,3 +117,27 @@ def test_scale_overrides_and_the_knowledge_regime(tmp_path):
     plain.write_text("name: plain\nbase: {data: {preset: smoke}}\n")
     with pytest.raises(ValueError, match="has no overrides for scale 'smoke'"):
         load_spec(plain, "smoke")
+
+
+def test_notebook_recipes_refuse_what_they_cannot_run():
+    """A recipe with both a spec and parts, an unknown part or no source is refused naming what it expected."""
+    from hiermem.study import recipe_plan
+    with pytest.raises(ValueError, match="unknown parts \\['longtale'\\]"):
+        recipe_plan({"parts": ["longtale"]})
+    with pytest.raises(ValueError, match="keys \\['spec'\\]"):
+        recipe_plan({"parts": ["longtail"], "spec": "configs/sweeps/smoke.yaml"})
+    with pytest.raises(ValueError, match="needs `spec`"):
+        recipe_plan({"name": "x"})
+    table = recipe_plan({"parts": ["hierarchy", "dense_ladder"]}, "/tmp/unused-sweeps")
+    assert set(table["sweep"]) == {"hierarchy", "dense_ladder"} and len(table) == len(_table("hierarchy")) + len(_table("dense_ladder"))
+
+
+def test_study_failed_lists_each_failed_run_once_with_its_part():
+    """Bug caught: failed runs dropped silently (a figure missing a point would look like an absent
+    experiment, and a claim would be decided on the survivors)."""
+    from hiermem.study import study_failed
+    ok = pd.DataFrame({"run_id": ["a", "a", "b"], "status": ["ok", "ok", "failed"], "mode": ["none", "fetched", None],
+                       "label": ["x", "x", "y"], "fetched_params": [10, 10, 20]})
+    table = study_failed({"hierarchy": ok, "ratio": ok.iloc[:2], "placement": ok.iloc[:0]})
+    assert list(table["run"]) == ["b"] and list(table["sweep"]) == ["hierarchy"] and table["fetched_params"].tolist() == [20]
+    assert study_failed({"ratio": ok.iloc[:2]}).empty
