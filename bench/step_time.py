@@ -218,6 +218,19 @@ def _demo_batches(batch_size: int, seq_len: int, synthetic: bool):
     yield from SequenceLoader(data.sequences("clustered"), batch_size=batch_size, seed=0)
 
 
+def _matmul_rate(m: int, k: int, n: int, repeats: int = 12) -> float:
+    """FLOP/s of an fp32 (m x k) @ (k x n) product on this machine (median of `repeats`, after a warm-up)."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * m * k * n / statistics.median(times)
+
+
 def cpu_throughput(steps: int, threads: int, synthetic: bool = False, batch_size: int = 32, seq_len: int = 128) -> None:
     """Phase 1 runs with the allocator as the process found it (the code before: plain path, glibc
     defaults), phase 2 after `keep_freed_memory()` (the training loop's setting now); in each, the
@@ -262,7 +275,19 @@ def cpu_throughput(steps: int, threads: int, synthetic: bool = False, batch_size
               f"{before['memory/plain'] / after['memory/plain']:.2f}x; dense {before['dense/plain'] / after['dense/fast']:.2f}x; "
               f"memory / dense (after) = {ratio:.3f} (target <= 1.15); frozen-anchor memory step (A3) "
               f"{before['memory-frozen/plain'] / after['memory-frozen/fast']:.2f}x")
+        # the roofline: the step's training FLOPs per second against this machine's fp32 matmul rate at
+        # the model's largest product (the output head: tokens x d_model x vocabulary)
+        anchor_cfg, memory_cfg, _ = configs[depth]
+        flops = count(anchor_cfg, memory_cfg, seq_len=seq_len).flops_per_token
+        achieved = flops * batch_size * seq_len / after["memory/fast"]
+        peak = _matmul_rate(batch_size * seq_len, anchor_cfg.d_model, anchor_cfg.vocab_size)
+        needed = 2 * flops * batch_size * seq_len / before["memory/plain"]
+        print(f"tiny-d{depth}: the memory step runs {achieved / 1e9:.0f} GFLOP/s of training FLOPs, "
+              f"{achieved / peak:.0%} of this machine's fp32 matmul rate at the head's shape ({peak / 1e9:.0f} "
+              f"GFLOP/s); 2x the tokens/s before would need {needed / 1e9:.0f} GFLOP/s ({needed / peak:.0%} of it)")
         result[f"tiny-d{depth}"] = {
+            "achieved_gflops_after": round(achieved / 1e9, 1), "matmul_gflops_head_shape": round(peak / 1e9, 1),
+            "needed_gflops_for_2x": round(needed / 1e9, 1),
             "memory_speedup_vs_before": round(speedup, 3), "ratio_vs_dense_equal_flops": round(ratio, 4),
             "memory_speedup_fast_path_only": round(before["memory/plain"] / before["memory/fast"], 3),
             "tokens_per_s_memory_before": round(batch_size * seq_len / before["memory/plain"]),
