@@ -320,6 +320,24 @@ def summarize(results: pd.DataFrame, perplexity: pd.DataFrame, model_name: str) 
     return pd.DataFrame(rows)
 
 
+def evaluate_model(model, data: DataBundle, cfg: EvalConfig, name: str = "model"
+                   ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Every mode of `cfg` that the model has, on the data's probes and held-out documents: (probe table,
+    perplexity table, summary, routing summary), the tables `evaluate_run` writes. `model` is a
+    `HierMemLM` or any model with its interface (`hiermem.hf.HFMemoryLM`: scored without a KV cache)."""
+    modes = available_modes(model, cfg)
+    ppl_modes = modes if "all" in cfg.perplexity_modes else [m for m in cfg.perplexity_modes if m in modes]
+    ppl_modes = [m for m in ppl_modes if not is_rag_mode(m)]  # retrieval is for probes (hiermem.rag)
+    probes = select_probes(data.probes, cfg.max_probes_per_relation, cfg.seed, cfg.split)
+    rows = probe_rows(data, probes)
+    with torch.no_grad():
+        results = score_probes(model, data, probes, cfg, modes, rows)
+        perplexity = heldout_perplexity(model, data, cfg, ppl_modes, probes)
+    summary = summarize(results, perplexity, name)
+    routing = summarize_routing(routing_diagnostics(rows.routed, data.fact_paths(), probes))
+    return results, perplexity, summary, routing
+
+
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, progress: bool = False,
                  reuse: bool = False, data: DataBundle | None = None, fast: bool = True) -> pd.DataFrame:
     """Evaluate a finished run; writes RUN_DIR/eval/*.{parquet,csv} atomically and returns the summary.
@@ -343,16 +361,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, progress: b
     model = load_model(final).to(device_for(cfg.device)).eval()
     model.fast = fast
     data = build_data(train_cfg.data, progress=progress) if data is None else data
-    modes = available_modes(model, cfg)
-    ppl_modes = modes if "all" in cfg.perplexity_modes else [m for m in cfg.perplexity_modes if m in modes]
-    ppl_modes = [m for m in ppl_modes if not is_rag_mode(m)]  # retrieval is for probes (hiermem.rag)
-    probes = select_probes(data.probes, cfg.max_probes_per_relation, cfg.seed, cfg.split)
-    rows = probe_rows(data, probes)
-    with torch.no_grad():
-        results = score_probes(model, data, probes, cfg, modes, rows)
-        perplexity = heldout_perplexity(model, data, cfg, ppl_modes, probes)
-    summary = summarize(results, perplexity, run.name)
-    routing = summarize_routing(routing_diagnostics(rows.routed, data.fact_paths(), probes))
+    results, perplexity, summary, routing = evaluate_model(model, data, cfg, run.name)
     run.eval_dir.mkdir(exist_ok=True)
     run.eval_config_path.unlink(missing_ok=True)  # the tables below are being replaced
     with atomic_path(run.eval_path("probes")) as tmp:

@@ -111,6 +111,7 @@ class HFMemoryLM(nn.Module):
     """A frozen (or co-trained) Hugging Face causal LM with a hierarchical FFN memory bank."""
 
     fast = False  # the fast paths of `hiermem.kernels` belong to hiermem's own model
+    kv_cache = False  # evaluation scores whole sequences (`hiermem.probing`'s path without hiermem's cache)
 
     def __init__(self, base: nn.Module, memory: MemoryConfig, base_name: str = ""):
         super().__init__()
@@ -154,7 +155,10 @@ class HFMemoryLM(nn.Module):
         self._fetched = self.fetch(paths, use_generic, blocked, active)
         try:
             mask = None if segment_ids is None else (segment_ids >= 0).long()
-            logits = self.anchor(input_ids=tokens, attention_mask=mask).logits
+            # positions count real tokens only, so a left-padded prompt is placed as it would be alone
+            # (absolute position embeddings, GPT-2, depend on it; rotary ones do not)
+            positions = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.anchor(input_ids=tokens, attention_mask=mask, position_ids=positions).logits
         finally:
             self._fetched = None
         return logits if last_n is None else logits[:, -last_n:]

@@ -31,6 +31,10 @@ class MemoryChoice:
     use_generic: np.ndarray | None = None  # (n,) bool
     blocked: np.ndarray | None = None      # (n, depth) bool: drop these levels' blocks for the row
 
+    def take(self, index: np.ndarray) -> "MemoryChoice":
+        """The choice of rows `index` (in that order, repeats allowed)."""
+        return MemoryChoice(*(None if a is None else a[index] for a in (self.paths, self.use_generic, self.blocked)))
+
     def rows(self, index: np.ndarray, device: torch.device) -> dict:
         out = {}
         if self.paths is not None:
@@ -116,6 +120,7 @@ def greedy_generate(model: HierMemLM, prompts: list[list[int]], memory: MemoryCh
     """
     device = next(model.parameters()).device
     max_len = model.model_cfg.max_seq_len
+    cached = getattr(model, "kv_cache", True)  # False: a model without hiermem's KV cache (hiermem.hf)
     budgets = np.broadcast_to(np.asarray(max_new_tokens, dtype=np.int64), (len(prompts),))
     order = np.argsort(budgets, kind="stable")
     out: list[list[int]] = [[] for _ in prompts]
@@ -125,11 +130,21 @@ def greedy_generate(model: HierMemLM, prompts: list[list[int]], memory: MemoryCh
         steps = int(budgets[index].max())
         batch = [list(prompts[i][-keep:]) for i in index]
         rows = memory.rows(index, device)
-        fetched = model.fetch(rows.get("paths"), rows.get("use_generic"), rows.get("blocked"))
         generated = [[] for _ in index]
-        cache = KVCache(model.model_cfg.n_layers)
         tokens, segments = _left_pad(batch, pad_id)
         tokens, segments = tokens.to(device), segments.to(device)
+        if not cached:  # the whole sequence again at every step
+            for _ in range(steps):
+                next_ids = model(tokens, segments, last_n=1, **rows)[:, -1].argmax(dim=-1)
+                for g, t in zip(generated, next_ids.tolist()):
+                    g.append(t)
+                tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
+                segments = torch.cat([segments, torch.zeros_like(segments[:, :1])], dim=1)
+            for i, g in zip(index, generated):
+                out[i] = g[: int(budgets[i])]
+            continue
+        fetched = model.fetch(rows.get("paths"), rows.get("use_generic"), rows.get("blocked"))
+        cache = KVCache(model.model_cfg.n_layers)
         for _ in range(steps):
             logits = model.anchor(tokens, segments, fetched, last_n=1, cache=cache)
             next_ids = logits[:, -1].argmax(dim=-1)
@@ -180,6 +195,13 @@ def candidate_logprobs(model: HierMemLM, prompts: list[list[int]], candidates: l
     max_len = model.model_cfg.max_seq_len
     out: list[np.ndarray] = [np.zeros(0) for _ in prompts]
     keep = max_len - max((len(c) for cands in candidates for c in cands), default=0)
+    if not getattr(model, "kv_cache", True):  # no KV cache (hiermem.hf): each (prompt, candidate) pair whole
+        owner = np.repeat(np.arange(len(prompts)), [len(c) for c in candidates])
+        flat = continuation_logprobs(model, [list(prompts[i][-keep:]) for i in owner],
+                                     [c for cands in candidates for c in cands], memory.take(owner), pad_id,
+                                     batch_size * 4)
+        bounds = np.cumsum([0] + [len(c) for c in candidates])
+        return [flat[bounds[i]:bounds[i + 1]] for i in range(len(prompts))]
     if model.fast:  # prompts whose candidates have the same lengths together: buckets without padding
         hist = [tuple(np.bincount([len(c) for c in cands], minlength=max_len + 1)) for cands in candidates]
         order = np.array(sorted(range(len(prompts)), key=hist.__getitem__), dtype=np.int64)

@@ -344,3 +344,22 @@ def test_merge_choices_scores_each_distinct_pair_once():
     assert (merged.where["drop-all"] == merged.where["none"]).all()
     dense = merge_choices({"none": MemoryChoice()}, 3, 0)
     assert dense.choice.paths is None and list(dense.row) == [0, 1, 2]
+
+
+def test_scoring_without_a_kv_cache_equals_the_cached_path(memory_run, smoke_data_config):
+    """The path Hugging Face models are evaluated on (`kv_cache = False`: greedy decoding recomputes the
+    whole sequence, each candidate is scored with its prompt in one forward). Independent reference: the
+    same model through the KV-cache path. Bugs caught: a candidate scored with another prompt's memory,
+    prompts cut differently, generated tokens appended with the wrong position or segment."""
+    from hiermem.evaluate import evaluate_model
+    model = load_model(RunDir.open(memory_run).final).eval()
+    model.fast = False
+    data = build_data(smoke_data_config, progress=False)
+    cfg = EvalConfig(heldout_docs_per_source=6, split="all", rank_candidates=20, max_probes_per_relation=4)
+    cached = evaluate_model(model, data, cfg)[0]
+    model.kv_cache = False
+    whole = evaluate_model(model, data, cfg)[0]
+    assert len(cached) > 50 and list(cached["mode"]) == list(whole["mode"])
+    for column in ("generated", "correct", "rank_correct", "mc_correct", "n_candidates"):
+        assert list(cached[column]) == list(whole[column]), column
+    np.testing.assert_allclose(whole["answer_logprob"], cached["answer_logprob"], rtol=1e-4, atol=1e-4)

@@ -3,6 +3,8 @@ family built from their config classes (nothing is downloaded)."""
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn as nn
@@ -143,3 +145,55 @@ def test_count_hf_gives_table_2_sizes(name, config, memory, fetched, bank, tmp_p
     assert count(hf_model_config(config)).anchor_params > 0
     with pytest.raises(ValueError, match="hidden_size/n_embd"):
         hf_model_config({"model_type": "mystery", "vocab_size": 10})
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_every_evaluation_mode_runs_on_a_hugging_face_memory_model(family, smoke_data_config):
+    """`hiermem.evaluate.evaluate_model` (the tables `hiermem eval` writes) on a post-hoc memory over a tiny
+    model of the data's vocabulary: every mode the bank has is scored; at initialisation (down = 0) every
+    mode equals `none` probe by probe; once the bank is non-zero, fetched and none differ."""
+    from hiermem.data.pipeline import build_data
+    from hiermem.evaluate import EvalConfig, evaluate_model
+    data = build_data(smoke_data_config, progress=False)
+    config = FAMILIES[family]()
+    for name in ("vocab_size",):
+        setattr(config, name, data.vocab_size)
+    for name in ("max_position_embeddings", "n_positions"):
+        if hasattr(config, name):
+            setattr(config, name, smoke_data_config.seq_len)
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(config).eval()
+    memory = MemoryConfig(type="ffn", multipliers=(4, 4), branching=smoke_data_config.tree.branching, generic=True)
+    model = HFMemoryLM(base, memory).eval()
+    cfg = EvalConfig(heldout_docs_per_source=3, split="all", rank_candidates=10, max_probes_per_relation=2,
+                     max_new_tokens=3)
+    results, perplexity, summary, _ = evaluate_model(model, data, cfg, "hf")
+    assert {"none", "generic", "fetched", "wrong-path", "oracle-path"} <= set(summary["mode"])
+    none = results[results["mode"] == "none"].set_index("probe_id")
+    for mode, table in results.groupby("mode"):
+        if mode.startswith("rag"):
+            continue
+        np.testing.assert_allclose(table.set_index("probe_id").loc[none.index, "answer_logprob"],
+                                   none["answer_logprob"], rtol=1e-5, err_msg=mode)  # zero effect at init
+    with torch.no_grad():
+        for p in model.bank.levels:
+            p.normal_(0, 0.5)
+    results = evaluate_model(model, data, cfg, "hf")[0]
+    fetched = results[results["mode"] == "fetched"]["answer_logprob"].to_numpy()
+    assert np.abs(fetched - results[results["mode"] == "none"]["answer_logprob"].to_numpy()).max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_left_padding_scores_like_the_prompt_alone(family):
+    """Bug caught: positions counted from the padded start, which moves a short prompt's absolute position
+    embeddings (GPT-2) when it shares a batch with a longer one."""
+    from hiermem.probing import MemoryChoice, continuation_logprobs
+    model = HFMemoryLM(_base(family), MEMORY).eval()
+    with torch.no_grad():
+        for p in model.bank.levels:
+            p.normal_(0, 0.3)
+    choice = MemoryChoice(paths=np.array([[1, 2], [0, 1]]))
+    short, long_ = [5, 7, 9], [3, 4, 5, 6, 7, 8, 9, 10]
+    together = continuation_logprobs(model, [short, long_], [[11, 12], [13]], choice, pad_id=0)
+    alone = continuation_logprobs(model, [short], [[11, 12]], choice.take(np.array([0])), pad_id=0)
+    assert together[0] == pytest.approx(alone[0], rel=1e-5)
