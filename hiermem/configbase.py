@@ -80,6 +80,16 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
     return value
 
 
+ADDED = "hiermem_added"  # field metadata key: see `added_field`
+
+
+def added_field(default: Any) -> Any:
+    """A config field added after runs were identified by their config: at its default it is left out of
+    `to_dict` (and so of the YAML and of run ids, which hash the dict), so every earlier run keeps its id
+    and is reused; set, it is written like any field."""
+    return dataclasses.field(default=default, metadata={ADDED: True})
+
+
 def plain(value: Any) -> Any:
     """Configs (nested in dicts, lists and tuples) as plain dicts and lists, ready for YAML/JSON."""
     if isinstance(value, Config):
@@ -114,7 +124,9 @@ class Config:
         return cls(**kwargs)
 
     def to_dict(self) -> dict:
-        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.init}
+        """Every field, except a field made with `added_field` while it holds its default."""
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.init and not (f.metadata.get(ADDED) and getattr(self, f.name) == f.default)}
 
     def replace(self: T, **changes: Any) -> T:
         return dataclasses.replace(self, **changes)

@@ -76,3 +76,50 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "corrupt.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(ValueError, match="not a valid tokenizers JSON"):
         load_tokenizer(tmp_path / "corrupt.json")
+
+
+def _hf_tokenizer_dir(folder, texts, eos="</s>", config=True):
+    """A Hugging Face-style model folder: tokenizer.json (a BPE with `eos` as a special token) and,
+    optionally, tokenizer_config.json naming it."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", eos],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    if config:
+        (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": eos}}))
+    return folder
+
+
+def test_a_pretrained_models_tokenizer_reads_the_corpus(smoke_data_config, tmp_path):
+    """DataConfig.tokenizer: the corpus tokenized in a base model's vocabulary, its end-of-text token between
+    packed documents and as padding; the field left out of the config dict at its default, so no earlier
+    run id changes. Bugs caught: the corpus's own BPE still used, the old EOT id (0) packed between
+    documents, a cached tokenization of the other tokenizer reused, run ids changed by the new field."""
+    from hiermem.data.pipeline import DataConfig, build_data
+    from hiermem.data.tokenizer import load_base_tokenizer
+    base = build_data(smoke_data_config, progress=False)
+    texts = base.corpus["text"].tolist()
+    folder = _hf_tokenizer_dir(tmp_path / "base-model", texts)
+    tok, eot, pad = load_base_tokenizer(folder)
+    assert eot == tok.token_to_id("</s>") == 1 and pad == eot
+    assert "tokenizer" not in smoke_data_config.to_dict()
+    cfg = smoke_data_config.replace(tokenizer=str(folder))
+    assert DataConfig.from_dict(cfg.to_dict()) == cfg
+    data = build_data(cfg, progress=False)
+    assert data.vocab_size == tok.get_vocab_size() != base.vocab_size and data.eot_id == eot and data.pad_id == eot
+    assert data.dirs["tok"] != base.dirs["tok"] and data.dirs["corpus"] == base.dirs["corpus"]
+    np.testing.assert_array_equal(data.doc_tokens[0], tok.encode(texts[0]).ids)
+    packed = data.sequences("clustered")
+    tokens, segments = np.asarray(packed.tokens), np.asarray(packed.segment_ids)
+    boundary = (segments[:, 1:] != segments[:, :-1]) & (segments[:, 1:] >= 0)
+    assert boundary.any() and (tokens[:, :-1][boundary] == eot).all()  # EOT closes each document
+    # the eos name comes from tokenizer_config.json; without it, the known names are tried
+    other = _hf_tokenizer_dir(tmp_path / "llama-like", texts[:50], eos="<|end_of_text|>", config=False)
+    assert load_base_tokenizer(other / "tokenizer.json")[1] == 1
+    with pytest.raises(FileNotFoundError, match="invalid config field 'tokenizer'"):
+        build_data(smoke_data_config.replace(tokenizer=str(tmp_path / "nowhere")), progress=False)

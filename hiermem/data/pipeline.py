@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hiermem.configbase import Config, require
+from hiermem.configbase import Config, added_field, require
 from hiermem.data.corpus import CorpusConfig, build_corpus, corpus_tokenizer, load_corpus, load_facts, load_probes
 from hiermem.data.packing import PackedSequences, pack_by_leaf, pack_plain
-from hiermem.data.tokenizer import EOT_TOKEN, PAD_TOKEN, encode_batch
+from hiermem.data.tokenizer import EOT_TOKEN, PAD_TOKEN, encode_batch, load_base_tokenizer
 from hiermem.embed import Embedder, embed_cached, get_embedder, load_embedder
 from hiermem.io import atomic_dir, atomic_path, atomic_write_json
 from hiermem.kmeans import TreeConfig
@@ -52,6 +52,9 @@ class DataConfig(Config):
     tree: TreeConfig = dataclasses.field(default_factory=lambda: TreeConfig(branching=16, depth=2))
     seq_len: int = 256
     min_leaf_sequences: int = 2  # a used leaf packing into fewer sequences is refused (tree too large)
+    # a pretrained model's tokenizer.json (or its directory) to tokenize with instead of the corpus's own
+    # BPE, so a Hugging Face base model reads the data in its vocabulary (hiermem.hf); "" = the corpus's
+    tokenizer: str = added_field("")
 
     def validate(self) -> None:
         require(self.corpus.vocab_size > 0, "corpus.vocab_size", "a positive vocabulary size (the pipeline "
@@ -149,8 +152,16 @@ class DataBundle:
         return load_facts(self.dirs["corpus"])
 
     @cached_property
+    def _special(self) -> tuple:
+        """(tokenizer, end-of-text id, padding id): the corpus's own, or `cfg.tokenizer`'s."""
+        if self.cfg.tokenizer:
+            return load_base_tokenizer(self.cfg.tokenizer)
+        tok = corpus_tokenizer(self.dirs["corpus"])
+        return tok, tok.token_to_id(EOT_TOKEN), tok.token_to_id(PAD_TOKEN)
+
+    @property
     def tokenizer(self):
-        return corpus_tokenizer(self.dirs["corpus"])
+        return self._special[0]
 
     @property
     def vocab_size(self) -> int:
@@ -158,11 +169,11 @@ class DataBundle:
 
     @property
     def eot_id(self) -> int:
-        return self.tokenizer.token_to_id(EOT_TOKEN)
+        return self._special[1]
 
     @property
     def pad_id(self) -> int:
-        return self.tokenizer.token_to_id(PAD_TOKEN)
+        return self._special[2]
 
     @cached_property
     def doc_tokens(self) -> list[np.ndarray]:
@@ -242,13 +253,22 @@ def check_leaf_sizes(packed: PackedSequences, cfg: DataConfig) -> None:
             f"tree (fewer levels or a smaller branching), a larger corpus, or lower data.min_leaf_sequences")
 
 
+def _file_digest(path: str) -> str:
+    """SHA-256 of a tokenizer file (or of the tokenizer.json in a directory), so a changed file is new data."""
+    file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"invalid config field 'tokenizer': expected a tokenizer.json or a model directory "
+                                f"holding one, got {path!r}")
+    return hashlib.sha256(file.read_bytes()).hexdigest()
+
+
 def build_data(cfg: DataConfig, progress: bool = True) -> DataBundle:
     """Build (or reuse) every stage of `cfg` and return the bundle."""
     root = Path(cfg.root)
     root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     corpus_key = _hash("corpus", cfg.corpus.to_dict())
-    tok_key = _hash(corpus_key, "tok")
+    tok_key = _hash(corpus_key, "tok") if not cfg.tokenizer else _hash(corpus_key, "tok", _file_digest(cfg.tokenizer))
     emb_key = _hash(corpus_key, "emb", cfg.embedder)
     tree_key = _hash(emb_key, tok_key, "tree", cfg.tree.to_dict())
     pack_key = _hash(tree_key, tok_key, "pack", cfg.seq_len)

@@ -99,6 +99,39 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return tok
 
 
+END_OF_TEXT_NAMES = (EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")  # Hugging Face families
+
+
+def load_base_tokenizer(path: str | Path) -> tuple[Tokenizer, int, int]:
+    """A pretrained model's tokenizer: its `tokenizer.json` (the file, or the model directory holding it),
+    with the end-of-text id (the `eos_token` of `tokenizer_config.json` beside it, else the first of
+    `END_OF_TEXT_NAMES` the vocabulary has) and the padding id (its `pad_token`, else end-of-text)."""
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"invalid config field 'tokenizer': expected a tokenizer.json or a model directory "
+                                f"holding one, got {str(path)!r}")
+    try:
+        tok = Tokenizer.from_file(str(file))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
+        raise ValueError(f"tokenizer file {str(file)!r} is not a valid tokenizers JSON file: {e}") from e
+    named: dict = {}
+    config = file.parent / "tokenizer_config.json"
+    if config.is_file():
+        import json
+        for key, value in json.loads(config.read_text()).items():
+            if key in ("eos_token", "pad_token"):
+                named[key] = value.get("content") if isinstance(value, dict) else value
+    ids = [tok.token_to_id(name) for name in (named.get("eos_token"), *END_OF_TEXT_NAMES) if name]
+    eot = next((i for i in ids if i is not None), None)
+    if eot is None:
+        raise ValueError(f"tokenizer {str(file)!r} has no end-of-text token (looked for the eos_token of "
+                         f"tokenizer_config.json and {', '.join(END_OF_TEXT_NAMES)})")
+    pad = tok.token_to_id(named["pad_token"]) if named.get("pad_token") else None
+    tok.encode_special_tokens = True  # literal special-token strings in text stay plain text
+    return tok, eot, eot if pad is None else pad
+
+
 def encode_batch(tok: Tokenizer, texts: list[str]) -> list[np.ndarray]:
     """Token ids of each text as an int32 array (no special tokens added). Runs in parallel Rust."""
     encodings = tok.encode_batch_fast(list(texts), add_special_tokens=False)
