@@ -2,8 +2,10 @@
 
 Layout of a checkpoint directory:
 
-    config.yaml                 {model: ModelConfig, memory: MemoryConfig | null}
-    anchor.safetensors          every anchor tensor
+    config.yaml                 {model: ModelConfig, memory: MemoryConfig | null, hf_base: {path,
+                                config_sha256, config} for a memory on a Hugging Face model}
+    anchor.safetensors          every anchor tensor (absent for a frozen Hugging Face base: its
+                                weights are read from the base directory, whose config hash must match)
     bank/level_<l>.safetensors  the k^l blocks of level l (1-based), one tensor "blocks"
     bank/generic.safetensors    the generic block, one tensor per level ("level_<l>")
 
@@ -23,10 +25,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hiermem.config import MemoryConfig, ModelConfig
+from hiermem.hf import HFMemoryLM, check_base, config_fingerprint, load_base
 from hiermem.io import atomic_path, atomic_write_text
 from hiermem.model import HierMemLM
 
 CONFIG_FILE = "config.yaml"
+HF_BASE = "hf_base"  # config.yaml section of a Hugging Face memory: the base's path and config hash
 ANCHOR_FILE = "anchor.safetensors"
 BANK_DIR = "bank"
 
@@ -37,9 +41,19 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict |
                   metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 
-def config_dict(model: HierMemLM) -> dict:
-    return {"model": model.model_cfg.to_dict(),
-            "memory": model.memory_cfg.to_dict() if model.memory_cfg is not None else None}
+def config_dict(model: HierMemLM | HFMemoryLM) -> dict:
+    out = {"model": model.model_cfg.to_dict(),
+           "memory": model.memory_cfg.to_dict() if model.memory_cfg is not None else None}
+    if isinstance(model, HFMemoryLM):  # the base is referenced, never copied (unless co-trained)
+        digest, config = config_fingerprint(model.anchor.config)
+        out[HF_BASE] = {"path": model.base_name, "config_sha256": digest, "config": config}
+    return out
+
+
+def read_hf_base(ckpt_dir: str | Path) -> dict | None:
+    """The Hugging Face base a checkpoint's memory belongs to ({path, config_sha256, config}), or None."""
+    path = Path(ckpt_dir) / CONFIG_FILE
+    return (yaml.safe_load(path.read_text()) or {}).get(HF_BASE) if path.exists() else None
 
 
 def read_config(ckpt_dir: str | Path) -> tuple[ModelConfig, MemoryConfig | None]:
@@ -57,7 +71,9 @@ def save_checkpoint(model: HierMemLM, ckpt_dir: str | Path, extra: dict | None =
     """Write config, anchor and bank (per level) into `ckpt_dir`."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    _save_tensors(dict(model.anchor.state_dict()), ckpt_dir / ANCHOR_FILE, {"format": "hiermem-anchor"})
+    frozen_base = isinstance(model, HFMemoryLM) and not any(p.requires_grad for p in model.anchor.parameters())
+    if not frozen_base:  # a frozen Hugging Face base is read from its own directory: the bank files only
+        _save_tensors(dict(model.anchor.state_dict()), ckpt_dir / ANCHOR_FILE, {"format": "hiermem-anchor"})
     if model.bank is not None:
         cfg = model.bank.cfg
         for level, param in enumerate(model.bank.levels):
@@ -90,8 +106,16 @@ def load_anchor_weights(model: HierMemLM, ckpt_dir: str | Path) -> None:
     """Load only the anchor (e.g. to start memory training from a pretrained anchor)."""
     ckpt_dir = Path(ckpt_dir)
     model_cfg, _ = read_config(ckpt_dir)
+    base = read_hf_base(ckpt_dir)
+    if isinstance(model, HFMemoryLM) != (base is not None):
+        raise ValueError(f"checkpoint {str(ckpt_dir)!r} is {'a Hugging Face memory' if base else 'a hiermem model'}; "
+                         f"the model is {type(model).__name__}")
+    if base is not None:  # first: it names every differing field of the base's config
+        check_base(model.anchor, base["config_sha256"], base["config"], base["path"], f"checkpoint {str(ckpt_dir)!r}")
     if model_cfg != model.model_cfg:
         raise _mismatch("model", ckpt_dir, model.model_cfg, model_cfg)
+    if base is not None and not (ckpt_dir / ANCHOR_FILE).exists():
+        return  # a frozen base: its weights are the base directory's
     state = load_file(str(ckpt_dir / ANCHOR_FILE))
     missing, unexpected = model.anchor.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -136,9 +160,15 @@ def load_weights(model: HierMemLM, ckpt_dir: str | Path, levels: list[int] | Non
             param.copy_(generic[f"level_{level + 1}"])
 
 
-def load_model(ckpt_dir: str | Path) -> HierMemLM:
-    """Build the model described by a checkpoint's config.yaml and load its weights."""
+def load_model(ckpt_dir: str | Path) -> HierMemLM | HFMemoryLM:
+    """Build the model described by a checkpoint's config.yaml and load its weights (a Hugging Face memory:
+    its base from the local directory it names, refused if that base's config changed)."""
     model_cfg, memory_cfg = read_config(ckpt_dir)
+    base = read_hf_base(ckpt_dir)
+    if base is not None:
+        model = HFMemoryLM(load_base(base["path"]), memory_cfg, base_name=base["path"])
+        load_weights(model, ckpt_dir)
+        return model
     model = HierMemLM(model_cfg, memory_cfg)
     load_weights(model, ckpt_dir)
     return model

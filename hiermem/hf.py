@@ -110,8 +110,17 @@ def _activation(mlp: nn.Module) -> nn.Module | None:
 class HFMemoryLM(nn.Module):
     """A frozen (or co-trained) Hugging Face causal LM with a hierarchical FFN memory bank."""
 
-    fast = False  # the fast paths of `hiermem.kernels` belong to hiermem's own model
     kv_cache = False  # evaluation scores whole sequences (`hiermem.probing`'s path without hiermem's cache)
+
+    @property
+    def fast(self) -> bool:
+        """Always False: the fast paths of `hiermem.kernels` belong to hiermem's own model (setting it, as
+        `evaluate_run` does, changes nothing)."""
+        return False
+
+    @fast.setter
+    def fast(self, value: bool) -> None:
+        pass
 
     def __init__(self, base: nn.Module, memory: MemoryConfig, base_name: str = ""):
         super().__init__()
@@ -194,6 +203,15 @@ def save_bank(model: HFMemoryLM, out_dir: str | Path) -> Path:
     return out_dir
 
 
+def check_base(base: nn.Module, digest: str, saved: dict, name: str, what: str) -> None:
+    """Refuse (naming the differing fields) a base model whose config is not the one `what` was trained on."""
+    mine, config = config_fingerprint(base.config)
+    if mine != digest:
+        differ = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+        raise ValueError(f"{what} was trained on {name!r}, whose config differs from {type(base).__name__}'s in: "
+                         + ", ".join(f"{k} ({saved.get(k)!r} vs {config.get(k)!r})" for k in differ[:8]))
+
+
 def load_bank(base: nn.Module, bank_dir: str | Path) -> HFMemoryLM:
     """Attach a saved bank to `base`; refused (naming the differing fields) if base's config differs."""
     bank_dir = Path(bank_dir)
@@ -201,13 +219,7 @@ def load_bank(base: nn.Module, bank_dir: str | Path) -> HFMemoryLM:
     if not meta_path.is_file():
         raise FileNotFoundError(f"{str(bank_dir)!r} is not a post-hoc memory bank: no {CONFIG_FILE} there")
     meta = json.loads(meta_path.read_text())
-    digest, config = config_fingerprint(base.config)
-    if digest != meta["config_sha256"]:
-        saved = meta["base_config"]
-        differ = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
-        raise ValueError(f"bank {str(bank_dir)!r} was trained on {meta['base']!r}, whose config differs from "
-                         f"{type(base).__name__}'s in: " + ", ".join(f"{k} ({saved.get(k)!r} vs {config.get(k)!r})"
-                                                                      for k in differ[:8]))
+    check_base(base, meta["config_sha256"], meta["base_config"], meta["base"], f"bank {str(bank_dir)!r}")
     model = HFMemoryLM(base, MemoryConfig.from_dict(meta["memory"]), base_name=meta["base"])
     tensors = load_file(str(bank_dir / BANK_FILE))
     with torch.no_grad():

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from hiermem.accounting import count
 from hiermem.checkpoint import load_anchor_weights, load_weights, save_checkpoint
 from hiermem.config import MemoryConfig, ModelConfig, model_preset
-from hiermem.configbase import Config, require
+from hiermem.configbase import Config, added_field, require
 from hiermem.data.packing import SequenceLoader, block_updates, update_report
 from hiermem.data.pipeline import DataBundle, DataConfig, build_data
 from hiermem.io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, check_writable_dir
@@ -117,6 +117,10 @@ class TrainConfig(Config):
     device: str = "auto"
     checkpoint_every: int = 100
     log_every: int = 10
+    # a local Hugging Face causal LM directory: its decoder MLPs get the FFN memory (hiermem.hf) instead of a
+    # hiermem anchor; memory-frozen trains the bank (checkpoints: the bank files, the base referenced by
+    # path and config hash), memory-cotrain the base too. Read data with its tokenizer (data.tokenizer).
+    base_model: str = added_field("")
 
     def __post_init__(self) -> None:
         # the bank has one block per tree node: its branching is the data tree's, set here once
@@ -131,7 +135,12 @@ class TrainConfig(Config):
                 f"a memory config with some r > 0 for stage {self.stage!r}", self.memory)
         require(memory_stage or self.memory is None or not self.memory.enabled, "memory",
                 f"no memory for stage {self.stage!r} (use memory-scratch to train both from scratch)", self.memory)
-        needs_init = self.stage in INIT_STAGES
+        if self.base_model:
+            require(self.stage in ("memory-frozen", "memory-cotrain"), "base_model",
+                    "a Hugging Face base only with stage memory-frozen or memory-cotrain", self.stage)
+            require(self.memory.type == "ffn", "memory.type", "ffn on a Hugging Face base (extra MLP units)",
+                    self.memory.type)
+        needs_init = self.stage in INIT_STAGES and not self.base_model
         require(bool(self.init_from) == needs_init, "init_from",
                 "the run directory of a pretrained anchor" if needs_init else "empty for this stage", self.init_from)
         require(self.tokens > 0 or self.flops > 0, "tokens", "a positive token budget (or flops > 0)", self.tokens)
@@ -155,6 +164,14 @@ class TrainConfig(Config):
 
     # ------------------------------------------------------------------------------ derived
     def model_config(self, vocab_size: int) -> ModelConfig:
+        """The anchor's shapes (a Hugging Face base: read from its config.json, whatever `vocab_size`)."""
+        if self.base_model:
+            from hiermem.hf import hf_model_config
+            path = Path(self.base_model) / "config.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"invalid config field 'base_model': expected a Hugging Face model directory "
+                                        f"with a config.json, got {self.base_model!r}")
+            return hf_model_config(json.loads(path.read_text()))
         base = model_preset(self.anchor).to_dict()
         base.update({"vocab_size": vocab_size, "max_seq_len": self.data.seq_len})
         base.update(self.model)
@@ -244,16 +261,19 @@ def train(cfg: TrainConfig, run_dir: str | Path, data: DataBundle | None = None,
                          f"{', '.join(data.cfg.diff(cfg.data))}")
     device = device_for(cfg.device)
     keep_freed_memory()  # large activations stay in the heap between steps (hiermem.kernels)
-    model_cfg = cfg.model_config(data.vocab_size)
     memory_cfg = cfg.memory if cfg.uses_memory else None
+    torch.manual_seed(cfg.seed)
+    if cfg.base_model:
+        model = _hf_model(cfg, data)
+        model_cfg = model.model_cfg
+    else:
+        model_cfg = cfg.model_config(data.vocab_size)
+        model = HierMemLM(model_cfg, memory_cfg)
+        if cfg.init_from:
+            load_anchor_weights(model, parent.final)
     acc = count(model_cfg, memory_cfg, seq_len=cfg.data.seq_len)
     total_steps = cfg.total_steps(acc.flops_per_token)
     _check_disk(run_dir, 8 * (acc.anchor_params + acc.bank_params + acc.generic_params) * 2)
-
-    torch.manual_seed(cfg.seed)
-    model = HierMemLM(model_cfg, memory_cfg)
-    if cfg.init_from:
-        load_anchor_weights(model, parent.final)
     model.to(device)
     o = cfg.optim
     if model.bank is not None and o.bank_dtype != "float32":
@@ -352,6 +372,17 @@ def train(cfg: TrainConfig, run_dir: str | Path, data: DataBundle | None = None,
     atomic_write_json(run.summary_path, summary)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return run_dir
+
+
+def _hf_model(cfg: TrainConfig, data: DataBundle):
+    """The FFN memory of `cfg` on the Hugging Face base `cfg.base_model`; refused when the data's tokens
+    do not fit the base's vocabulary (the data must be read with the base's tokenizer: data.tokenizer)."""
+    from hiermem.hf import HFMemoryLM, load_base
+    model = HFMemoryLM(load_base(cfg.base_model), cfg.memory, base_name=cfg.base_model)
+    vocab = model.model_cfg.vocab_size
+    require(data.vocab_size <= vocab, "data.tokenizer", f"the base model's tokenizer (its vocabulary has {vocab} "
+            f"ids; the data's tokenizer {data.vocab_size})", cfg.data.tokenizer or "the corpus's own")
+    return model
 
 
 def _measured_updates(stepper: TrainStepper, sequences, cfg: TrainConfig) -> list[dict] | None:

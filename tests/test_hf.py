@@ -4,6 +4,7 @@ family built from their config classes (nothing is downloaded)."""
 import json
 
 import numpy as np
+import yaml
 
 import pytest
 import torch
@@ -197,3 +198,62 @@ def test_left_padding_scores_like_the_prompt_alone(family):
     together = continuation_logprobs(model, [short, long_], [[11, 12], [13]], choice, pad_id=0)
     alone = continuation_logprobs(model, [short], [[11, 12]], choice.take(np.array([0])), pad_id=0)
     assert together[0] == pytest.approx(alone[0], rel=1e-5)
+
+
+def _saved_base(folder, vocab: int, seq_len: int, family: str = "llama"):
+    """A tiny random model of `family` saved as a local Hugging Face directory (config.json + weights)."""
+    config = FAMILIES[family]()
+    config.vocab_size = vocab
+    for name in ("max_position_embeddings", "n_positions"):
+        if hasattr(config, name):
+            setattr(config, name, seq_len)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def test_hiermem_train_and_eval_run_on_a_hugging_face_base(smoke_data_config, tmp_path):
+    """`hiermem train` with `base_model` (the run a sweep would make) trains the bank on the frozen base,
+    resumes exactly after an interruption, keeps the bank files only (the base referenced by path and config
+    hash), and `hiermem eval` scores every mode on it. Bugs caught: the base's weights written into or
+    changed by the run, a resumed run ending elsewhere than an uninterrupted one, a checkpoint loading onto
+    a base whose config changed, a base_model run accepted for a stage that has no memory."""
+    from safetensors.torch import load_file
+
+    from hiermem.checkpoint import ANCHOR_FILE, load_model, read_hf_base
+    from hiermem.data.pipeline import build_data
+    from hiermem.evaluate import EvalConfig, evaluate_run
+    from hiermem.rundir import RunDir
+    from hiermem.train import TrainConfig, train
+    data = build_data(smoke_data_config, progress=False)
+    base_dir = _saved_base(tmp_path / "base", data.vocab_size, smoke_data_config.seq_len)
+    cfg = TrainConfig(stage="memory-frozen", base_model=str(base_dir), data=smoke_data_config, tokens=8 * 4 * 128,
+                      batch_size=4, memory=MemoryConfig(type="ffn", multipliers=(4, 4), generic=True),
+                      checkpoint_every=3, log_every=2, optim=TrainConfig().optim.replace(bank_lr=0.05))
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg and "base_model" not in TrainConfig().to_dict()
+    whole = train(cfg, tmp_path / "whole", data=data, progress=False)
+    train(cfg, tmp_path / "resumed", data=data, progress=False, stop_after_steps=5)  # killed after a checkpoint
+    resumed = train(cfg, tmp_path / "resumed", data=data, progress=False)
+    final = RunDir.open(whole).final
+    assert not (final / ANCHOR_FILE).exists() and read_hf_base(final)["path"] == str(base_dir)
+    for level in (1, 2):
+        a = load_file(str(final / "bank" / f"level_{level}.safetensors"))["blocks"]
+        b = load_file(str(RunDir.open(resumed).final / "bank" / f"level_{level}.safetensors"))["blocks"]
+        assert float(a.abs().sum()) > 0 and torch.equal(a, b)  # down rows moved off zero; the same after a resume
+    model = load_model(final)
+    saved = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    for (name, p), (_, q) in zip(model.anchor.state_dict().items(), saved.state_dict().items()):
+        assert torch.equal(p, q), name  # the base is untouched
+    summary = evaluate_run(whole, EvalConfig(heldout_docs_per_source=3, split="all", rank_candidates=10,
+                                             max_probes_per_relation=2, max_new_tokens=3), data=data)
+    assert {"none", "generic", "fetched", "wrong-path", "oracle-path"} <= set(summary["mode"])
+    other = _saved_base(tmp_path / "other", data.vocab_size, smoke_data_config.seq_len)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 0.01}))  # not in ModelConfig
+    meta = yaml.safe_load((final / "config.yaml").read_text())
+    meta["hf_base"]["path"] = str(other)
+    (final / "config.yaml").write_text(yaml.safe_dump(meta))
+    with pytest.raises(ValueError, match=r"config differs from LlamaForCausalLM.s in: .*rms_norm_eps"):
+        load_model(final)
+    with pytest.raises(ValueError, match="invalid config field 'base_model'"):
+        TrainConfig(stage="pretrain", base_model=str(base_dir), data=smoke_data_config)
