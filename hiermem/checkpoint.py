@@ -41,6 +41,18 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict |
                   metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 
+def _distinct(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state without the second name of a tied tensor (e.g. GPT-2's output head = its embedding):
+    safetensors stores each tensor once; loading re-fills the alias through the tie."""
+    seen, out = set(), {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = tensor
+    return out
+
+
 def config_dict(model: HierMemLM | HFMemoryLM) -> dict:
     out = {"model": model.model_cfg.to_dict(),
            "memory": model.memory_cfg.to_dict() if model.memory_cfg is not None else None}
@@ -73,7 +85,7 @@ def save_checkpoint(model: HierMemLM, ckpt_dir: str | Path, extra: dict | None =
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     frozen_base = isinstance(model, HFMemoryLM) and not any(p.requires_grad for p in model.anchor.parameters())
     if not frozen_base:  # a frozen Hugging Face base is read from its own directory: the bank files only
-        _save_tensors(dict(model.anchor.state_dict()), ckpt_dir / ANCHOR_FILE, {"format": "hiermem-anchor"})
+        _save_tensors(_distinct(model.anchor.state_dict()), ckpt_dir / ANCHOR_FILE, {"format": "hiermem-anchor"})
     if model.bank is not None:
         cfg = model.bank.cfg
         for level, param in enumerate(model.bank.levels):
@@ -118,6 +130,8 @@ def load_anchor_weights(model: HierMemLM, ckpt_dir: str | Path) -> None:
         return  # a frozen base: its weights are the base directory's
     state = load_file(str(ckpt_dir / ANCHOR_FILE))
     missing, unexpected = model.anchor.load_state_dict(state, strict=False)
+    tied = set(model.anchor.state_dict()) - set(_distinct(model.anchor.state_dict()))
+    missing = [name for name in missing if name not in tied]  # aliases of a loaded tensor
     if missing or unexpected:
         raise ValueError(f"checkpoint {str(ckpt_dir)!r}: anchor tensors missing {missing}, unexpected {unexpected}")
 

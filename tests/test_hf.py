@@ -257,3 +257,24 @@ def test_hiermem_train_and_eval_run_on_a_hugging_face_base(smoke_data_config, tm
         load_model(final)
     with pytest.raises(ValueError, match="invalid config field 'base_model'"):
         TrainConfig(stage="pretrain", base_model=str(base_dir), data=smoke_data_config)
+
+
+def test_a_co_trained_hugging_face_base_is_saved_with_its_bank(smoke_data_config, tmp_path):
+    """memory-cotrain on a Hugging Face base: the base's weights move, so the checkpoint holds them beside the
+    bank, and loading the run gives the trained base, not the directory's. Bug caught: a co-trained base
+    dropped from the checkpoint (the run would silently evaluate the untrained base)."""
+    from hiermem.checkpoint import ANCHOR_FILE, load_model
+    from hiermem.data.pipeline import build_data
+    from hiermem.rundir import RunDir
+    from hiermem.train import TrainConfig, train
+    data = build_data(smoke_data_config, progress=False)
+    base_dir = _saved_base(tmp_path / "base", data.vocab_size, smoke_data_config.seq_len, family="gpt2")
+    cfg = TrainConfig(stage="memory-cotrain", base_model=str(base_dir), data=smoke_data_config, tokens=3 * 4 * 128,
+                      batch_size=4, memory=MemoryConfig(type="ffn", multipliers=(4, 4)), log_every=1)
+    final = RunDir.open(train(cfg, tmp_path / "run", data=data, progress=False)).final
+    assert (final / ANCHOR_FILE).exists()
+    model = load_model(final)
+    saved = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    moved = [n for (n, p), (_, q) in zip(model.anchor.state_dict().items(), saved.state_dict().items())
+             if not torch.equal(p, q)]
+    assert moved, "co-training must change the base, and the run must load the changed base"
