@@ -40,3 +40,16 @@ def reference_lr_schedule(total_steps, warmup_steps, peak, final):
         opt.step()
         cosine.step()
     return out
+
+
+def saved_hf_base(folder, config, vocab: int, seq_len: int, seed: int = 0):
+    """A tiny random Hugging Face causal LM from `config` (a transformers config object) with the data's
+    vocabulary and context, saved as a local model directory (config.json + weights); returns the folder."""
+    import transformers
+    config.vocab_size = vocab
+    for name in ("max_position_embeddings", "n_positions"):
+        if hasattr(config, name):
+            setattr(config, name, seq_len)
+    torch.manual_seed(seed)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder

@@ -24,6 +24,22 @@ def memory_run(smoke_data_config, pretrained_anchor, tmp_path_factory):
     return train(cfg, tmp_path_factory.mktemp("runs") / "memory", progress=False)
 
 
+@pytest.fixture(scope="module")
+def hf_memory_run(smoke_data_config, tmp_path_factory):
+    """A frozen tiny Llama-family Hugging Face base with a trained FFN memory, as a `hiermem train` run."""
+    import transformers
+    from helpers import saved_hf_base
+    data = build_data(smoke_data_config, progress=False)
+    folder = tmp_path_factory.mktemp("hf")
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1)
+    base = saved_hf_base(folder / "base", config, data.vocab_size, smoke_data_config.seq_len)
+    cfg = TrainConfig(stage="memory-frozen", base_model=str(base), data=smoke_data_config, tokens=10 * 4 * 128,
+                      batch_size=4, memory=MemoryConfig(type="ffn", multipliers=(8, 2)),
+                      optim=TrainConfig().optim.replace(bank_lr=0.05))
+    return train(cfg, folder / "memory", data=data, progress=False)
+
+
 def _task(tmp_path, probes, candidates) -> str:
     """A local multiple-choice task: each probe's prompt, its candidate answers, the true one first."""
     rows = [{"prompt": p, "choices": list(c), "gold": 0} for p, c in zip(probes["prompt"], candidates)]
@@ -41,16 +57,18 @@ def _task(tmp_path, probes, candidates) -> str:
     return "hiermem_probes"
 
 
-@pytest.mark.parametrize("mode", ["fetched", "none"])
-def test_harness_multiple_choice_equals_hiermem_answer_ranking(memory_run, smoke_data_config, tmp_path, mode):
+@pytest.mark.parametrize("mode,run", [("fetched", "memory_run"), ("none", "memory_run"), ("fetched", "hf_memory_run")])
+def test_harness_multiple_choice_equals_hiermem_answer_ranking(run, smoke_data_config, tmp_path, mode, request):
     """Bug caught: the adapter routing requests differently from `hiermem eval` (another path, or
     memory in 'none' mode), tokenising the continuation without its leading space, or summing
     another span of log-probabilities. Reference: `hiermem eval`'s rank_correct on the same probes,
-    candidates and mode."""
+    candidates and mode -- for a hiermem run and for a memory on a Hugging Face base (scored without the KV
+    cache)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
     importlib.import_module("hiermem.harness")  # registers the model type
 
+    memory_run = request.getfixturevalue(run)  # hiermem's own model, or a memory on a Hugging Face base
     cfg = EvalConfig(split="all", max_probes_per_relation=3, rank_candidates=6, heldout_docs_per_source=2,
                      modes=("none", "fetched"), level_ablation=False)
     evaluate_run(memory_run, cfg)

@@ -17,6 +17,7 @@ from hiermem.cli import main  # noqa: E402
 from hiermem.config import MemoryConfig  # noqa: E402
 from hiermem.hf import HFMemoryLM, hf_model_config, load_bank, save_bank  # noqa: E402
 from hiermem.stepper import TrainStepper  # noqa: E402
+from helpers import saved_hf_base  # noqa: E402
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
              vocab_size=48, max_position_embeddings=64)
@@ -201,15 +202,7 @@ def test_left_padding_scores_like_the_prompt_alone(family):
 
 
 def _saved_base(folder, vocab: int, seq_len: int, family: str = "llama"):
-    """A tiny random model of `family` saved as a local Hugging Face directory (config.json + weights)."""
-    config = FAMILIES[family]()
-    config.vocab_size = vocab
-    for name in ("max_position_embeddings", "n_positions"):
-        if hasattr(config, name):
-            setattr(config, name, seq_len)
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    return folder
+    return saved_hf_base(folder, FAMILIES[family](), vocab, seq_len)
 
 
 def test_hiermem_train_and_eval_run_on_a_hugging_face_base(smoke_data_config, tmp_path):
