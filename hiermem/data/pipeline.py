@@ -31,7 +31,7 @@ import pandas as pd
 from hiermem.configbase import Config, added_field, require
 from hiermem.data.corpus import CorpusConfig, build_corpus, corpus_tokenizer, load_corpus, load_facts, load_probes
 from hiermem.data.packing import PackedSequences, pack_by_leaf, pack_plain
-from hiermem.data.tokenizer import EOT_TOKEN, PAD_TOKEN, encode_batch, load_base_tokenizer
+from hiermem.data.tokenizer import EOT_TOKEN, PAD_TOKEN, base_tokenizer_file, encode_batch, load_base_tokenizer
 from hiermem.embed import Embedder, embed_cached, get_embedder, load_embedder
 from hiermem.io import atomic_dir, atomic_path, atomic_write_json
 from hiermem.kmeans import TreeConfig
@@ -254,12 +254,8 @@ def check_leaf_sizes(packed: PackedSequences, cfg: DataConfig) -> None:
 
 
 def _file_digest(path: str) -> str:
-    """SHA-256 of a tokenizer file (or of the tokenizer.json in a directory), so a changed file is new data."""
-    file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"invalid config field 'tokenizer': expected a tokenizer.json or a model directory "
-                                f"holding one, got {path!r}")
-    return hashlib.sha256(file.read_bytes()).hexdigest()
+    """SHA-256 of the base model's tokenizer.json, so a changed file is new data."""
+    return hashlib.sha256(base_tokenizer_file(path).read_bytes()).hexdigest()
 
 
 def build_data(cfg: DataConfig, progress: bool = True) -> DataBundle:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -82,16 +83,20 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: Path,
     return tok
 
 
+def _read(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
+        raise ValueError(f"tokenizer file {str(path)!r} is not a valid tokenizers JSON file: {e}") from e
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer saved by `train_tokenizer`, checking the special-token ids."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist (train it with "
                                 f"train_tokenizer or build the corpus first)")
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
-        raise ValueError(f"tokenizer file {str(path)!r} is not a valid tokenizers JSON file: {e}") from e
+    tok = _read(path)
     if tok.token_to_id(EOT_TOKEN) != EOT_ID or tok.token_to_id(PAD_TOKEN) != PAD_ID:
         raise ValueError(f"tokenizer {str(path)!r}: expected {EOT_TOKEN} = id {EOT_ID} and "
                          f"{PAD_TOKEN} = id {PAD_ID}")
@@ -102,23 +107,25 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 END_OF_TEXT_NAMES = (EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")  # Hugging Face families
 
 
-def load_base_tokenizer(path: str | Path) -> tuple[Tokenizer, int, int]:
-    """A pretrained model's tokenizer: its `tokenizer.json` (the file, or the model directory holding it),
-    with the end-of-text id (the `eos_token` of `tokenizer_config.json` beside it, else the first of
-    `END_OF_TEXT_NAMES` the vocabulary has) and the padding id (its `pad_token`, else end-of-text)."""
+def base_tokenizer_file(path: str | Path) -> Path:
+    """The tokenizer.json of `DataConfig.tokenizer`: the file itself, or the one in a model directory."""
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"invalid config field 'tokenizer': expected a tokenizer.json or a model directory "
                                 f"holding one, got {str(path)!r}")
-    try:
-        tok = Tokenizer.from_file(str(file))
-    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
-        raise ValueError(f"tokenizer file {str(file)!r} is not a valid tokenizers JSON file: {e}") from e
+    return file
+
+
+def load_base_tokenizer(path: str | Path) -> tuple[Tokenizer, int, int]:
+    """A pretrained model's tokenizer: its `tokenizer.json` (the file, or the model directory holding it),
+    with the end-of-text id (the `eos_token` of `tokenizer_config.json` beside it, else the first of
+    `END_OF_TEXT_NAMES` the vocabulary has) and the padding id (its `pad_token`, else end-of-text)."""
+    file = base_tokenizer_file(path)
+    tok = _read(file)
     named: dict = {}
     config = file.parent / "tokenizer_config.json"
     if config.is_file():
-        import json
         for key, value in json.loads(config.read_text()).items():
             if key in ("eos_token", "pad_token"):
                 named[key] = value.get("content") if isinstance(value, dict) else value
