@@ -16,7 +16,11 @@ interleaved in one process; the last line's JSON has `memory_speedup_vs_before` 
 `ratio_vs_dense_equal_flops` (fast memory / fast dense, target <= 1.15), for the demo's tiny-d2. It
 runs twice: first with glibc's allocator as the process found it (before = the plain path there),
 then after `hiermem.kernels.keep_freed_memory()`, which the training loop now calls (after = the
-fast path there); each phase also shows what the code alone and the allocator alone bring.
+fast path there); each phase also shows what the code alone and the allocator alone bring. Where the
+CPU multiplies bfloat16 natively (`hiermem.kernels.cpu_bf16_native`: AMX / AVX512-BF16), the second
+phase also times the fast path in bf16 mixed precision (`precision: bf16`, a numerics choice, not the
+same results), interleaved with the others; the JSON then has `memory_speedup_vs_before_bf16` and
+`ratio_vs_dense_equal_flops_bf16` beside the float32 figures.
 
     python bench/step_time.py [--depth 4] [--batch 8] [--seq-len 256] [--steps 12] [--device cuda]
     python bench/step_time.py --device cuda --depth 12 --batch 16 --seq-len 1024 --bank-dtype bfloat16 \
@@ -35,7 +39,7 @@ import torch
 
 from hiermem.accounting import count
 from hiermem.config import MemoryConfig, tiny_config
-from hiermem.kernels import keep_freed_memory
+from hiermem.kernels import cpu_bf16_native, keep_freed_memory
 from hiermem.model import HierMemLM
 from hiermem.stepper import TrainStepper
 
@@ -241,24 +245,30 @@ def cpu_throughput(steps: int, threads: int, synthetic: bool = False, batch_size
           f"{'of random packed rows' if synthetic else 'of the main job memory stage (its data, packed by leaf)'}; "
           f"{steps} timed steps per model and path, interleaved")
     configs = {depth: demo_shaped(depth, seq_len=seq_len) for depth in (2, 4)}
+    bf16 = cpu_bf16_native()
+    print(f"bf16 mixed precision: {'timed too (this CPU multiplies bfloat16 natively)' if bf16 else 'not timed (no native bfloat16 products on this CPU)'}")
     medians: dict[tuple[int, str], dict[str, float]] = {}
     for phase in ("default allocator", "keep_freed_memory"):
         if phase == "keep_freed_memory":
             print(f"keep_freed_memory(): {'applied' if keep_freed_memory() else 'not available here'}")
+        paths = [("plain", False, "fp32"), ("fast", True, "fp32")]
+        if bf16 and phase == "keep_freed_memory":
+            paths.append(("bf16", True, "bf16"))
         for depth, (anchor_cfg, memory_cfg, dense_cfg) in configs.items():
             steppers = {}
-            for fast in (False, True):
+            for path, fast, precision in paths:
                 torch.manual_seed(0)
                 memory_model, dense_model = HierMemLM(anchor_cfg, memory_cfg), HierMemLM(dense_cfg)
                 memory_model.fast = dense_model.fast = fast
-                path = "fast" if fast else "plain"
                 steppers[f"memory/{path}"] = TrainStepper(memory_model, lr=1e-3, weight_decay=0.05, bank_lr=3e-3,
-                                                          bank_weight_decay=1e-3, bank_semantics="dense")
-                steppers[f"dense/{path}"] = TrainStepper(dense_model, lr=1e-3, weight_decay=0.05)
+                                                          bank_weight_decay=1e-3, bank_semantics="dense",
+                                                          precision=precision)
+                steppers[f"dense/{path}"] = TrainStepper(dense_model, lr=1e-3, weight_decay=0.05, precision=precision)
                 frozen = HierMemLM(anchor_cfg, memory_cfg)  # the main job's A3 stage: anchor frozen
                 frozen.fast = fast
                 steppers[f"memory-frozen/{path}"] = TrainStepper(frozen, lr=1e-3, bank_lr=3e-3, bank_weight_decay=1e-3,
-                                                                 freeze_anchor=True, bank_semantics="dense")
+                                                                 freeze_anchor=True, bank_semantics="dense",
+                                                                 precision=precision)
             median = medians[depth, phase] = _time_steps(steppers, batches, steps)
             print(f"[{phase}] tiny-d{depth}: memory {memory_cfg.multipliers} x k=8 (fetched "
                   f"{count(anchor_cfg, memory_cfg).fetched_params:,} of {count(anchor_cfg).anchor_params:,} anchor "
@@ -295,9 +305,25 @@ def cpu_throughput(steps: int, threads: int, synthetic: bool = False, batch_size
             "tokens_per_s_dense_before": round(batch_size * seq_len / before["dense/plain"]),
             "tokens_per_s_dense_after": round(batch_size * seq_len / after["dense/fast"]),
             "frozen_memory_speedup_vs_before": round(before["memory-frozen/plain"] / after["memory-frozen/fast"], 3)}
-    print(json.dumps({"memory_speedup_vs_before": result["tiny-d2"]["memory_speedup_vs_before"],
-                      "ratio_vs_dense_equal_flops": result["tiny-d2"]["ratio_vs_dense_equal_flops"],
-                      "threads": threads, "batches": "synthetic" if synthetic else "main job", **result}))
+        if "memory/bf16" in after:
+            speedup16 = before["memory/plain"] / after["memory/bf16"]
+            ratio16 = after["memory/bf16"] / after["dense/bf16"]
+            print(f"tiny-d{depth}, bf16 mixed precision: memory step {speedup16:.2f}x the tokens/s before "
+                  f"({after['memory/fast'] / after['memory/bf16']:.2f}x the float32 fast path); memory / dense "
+                  f"(both bf16) = {ratio16:.3f}; frozen-anchor memory step "
+                  f"{before['memory-frozen/plain'] / after['memory-frozen/bf16']:.2f}x")
+            result[f"tiny-d{depth}"].update({
+                "memory_speedup_vs_before_bf16": round(speedup16, 3), "ratio_vs_dense_equal_flops_bf16": round(ratio16, 4),
+                "tokens_per_s_memory_bf16": round(batch_size * seq_len / after["memory/bf16"]),
+                "tokens_per_s_dense_bf16": round(batch_size * seq_len / after["dense/bf16"]),
+                "frozen_memory_speedup_vs_before_bf16": round(before["memory-frozen/plain"] / after["memory-frozen/bf16"], 3)})
+    d2 = result["tiny-d2"]
+    print(json.dumps({"memory_speedup_vs_before": d2["memory_speedup_vs_before"],
+                      "ratio_vs_dense_equal_flops": d2["ratio_vs_dense_equal_flops"],
+                      "memory_speedup_vs_before_bf16": d2.get("memory_speedup_vs_before_bf16"),
+                      "ratio_vs_dense_equal_flops_bf16": d2.get("ratio_vs_dense_equal_flops_bf16"),
+                      "bf16_native": bf16, "threads": threads, "batches": "synthetic" if synthetic else "main job",
+                      **result}))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from hiermem.config import MemoryConfig, ModelConfig
 from hiermem.configbase import require
+from hiermem.kernels import gather_rows_low
 from hiermem.memory_kinds import MemoryKind, get_kind
 
 
@@ -261,7 +262,12 @@ class MemoryBank(nn.Module):
                 mask_parts.append(keep[:, None].expand(batch, r))
                 continue
             # index_select's backward is one index_add; indexing's is an accumulating index_put
-            rows = table.index_select(0, pos) if self.fast else table[pos]  # (B, numel)
+            if self.fast and torch.is_autocast_enabled(table.device.type):
+                # mixed precision: the touched blocks cast once, then gathered (the concatenation then
+                # moves half the bytes, and no matmul casts its operand again)
+                rows = gather_rows_low(table, pos, torch.get_autocast_dtype(table.device.type))
+            else:
+                rows = table.index_select(0, pos) if self.fast else table[pos]  # (B, numel)
             if not bool(keep.all()):
                 any_blocked = True
                 rows = rows * keep.to(rows.dtype)[:, None]
@@ -273,8 +279,10 @@ class MemoryBank(nn.Module):
                 parts[spec.name].append(piece.unflatten(2, (r, spec.width)))
         if gathered is not None:
             return self._gathered_memory(gathered, torch.cat(mask_parts, dim=1) if any_blocked else None)
-        if self.fast:  # (layers, B, R, width) views: no copy when one level has units, one cat otherwise
-            tensors = {name: (chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)).transpose(0, 1)
+        if self.fast:  # (layers, B, R, width): views when one level has units, else one cat that lays each
+            # layer's (B, R, width) out contiguously (bf16 batched products copy a strided batch first)
+            tensors = {name: (chunks[0].transpose(0, 1) if len(chunks) == 1
+                              else torch.cat([c.transpose(0, 1) for c in chunks], dim=2))
                        for name, chunks in parts.items()}
         else:
             tensors = {name: torch.cat(chunks, dim=2).transpose(0, 1).contiguous() for name, chunks in parts.items()}

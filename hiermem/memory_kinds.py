@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from hiermem.kernels import attention
+
 if TYPE_CHECKING:  # annotations only: the configs import nothing from here, and nothing else is needed
     from hiermem.config import ModelConfig
 
@@ -110,6 +112,8 @@ def ffn_memory(x: torch.Tensor, mem: Memory, act=F.silu) -> torch.Tensor:
         x, shape = _grouped(x, mem.batch)
         return mem.apply(x, act).reshape(shape)
     x, shape = _grouped(x, mem["gate"].shape[0])
+    if torch.is_autocast_enabled(x.device.type):  # one cast of x for both products
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     hidden = act(torch.bmm(x, mem["gate"].transpose(1, 2))) * torch.bmm(x, mem["up"].transpose(1, 2))
     return torch.bmm(hidden, mem["down"]).reshape(shape[:-1] + (mem["down"].shape[-1],))
 
@@ -137,10 +141,10 @@ def kv_memory_attention(q: torch.Tensor, mem: Memory, unit_mask: torch.Tensor | 
     keys = mem["key"].view(batch, units, n_heads, head_dim).transpose(1, 2)
     values = mem["value"].view(batch, units, n_heads, head_dim).transpose(1, 2)
     if unit_mask is None:
-        out = F.scaled_dot_product_attention(q, keys, values)
+        out = attention(q, keys, values)
     else:
         attn_mask = unit_mask[:, None, None, :].expand(batch, 1, q.shape[2], units)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask)
+        out = attention(q, keys, values, attn_mask=attn_mask)
         any_unit = unit_mask.any(dim=1)
         out = torch.where(any_unit[:, None, None, None], torch.nan_to_num(out), torch.zeros_like(out))
     if shape[0] != batch:

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hiermem.config import MemoryConfig, ModelConfig
-from hiermem.kernels import rotate_pairs
+from hiermem.kernels import attention, rotate_pairs
 from hiermem.masks import continuation_attention_mask, document_attention_mask
 from hiermem.memory import ActiveRows, FetchedMemory, MemoryBank
 
@@ -88,9 +88,9 @@ class Attention(nn.Module):
                 k_rot, v = torch.cat([cache["k"], k_rot], dim=2), torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k_rot, v
         if attn_mask is None:
-            out = F.scaled_dot_product_attention(q_rot, k_rot, v, is_causal=True)
+            out = attention(q_rot, k_rot, v, is_causal=True)
         else:
-            out = F.scaled_dot_product_attention(q_rot, k_rot, v, attn_mask=attn_mask)
+            out = attention(q_rot, k_rot, v, attn_mask=attn_mask)
         if kind is not None:
             # memory keys carry no position, so the queries meet them without rotation
             extra = kind.attend(q, mem, fetched.unit_mask, self.n_heads, self.head_dim)

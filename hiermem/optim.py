@@ -24,7 +24,8 @@ Two semantics (`semantics=`, `OptimConfig.bank_semantics`; `SEMANTICS` lists the
     dense  exactly `torch.optim.AdamW` over the whole bank, where a block that is not read in a step
            has a zero gradient: its moments decay, its momentum keeps moving it and weight decay
            applies. Computed lazily all the same: when a block is on a batch's paths again, the steps
-           it skipped are replayed with zero gradients (their learning rates are kept) in `gather`,
+           it skipped are replayed with zero gradients (their learning rates are kept; torch's fused
+           AdamW once per replayed step over the rows behind) in `gather`,
            before the forward reads it, and `finalize()` brings every block up to date at the end of
            training. A rarely read block moves further per read than under `lazy`.
 
@@ -43,7 +44,6 @@ state per level) and `state_bytes()` (memory held by the moments).
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch.optim.adamw import adamw
@@ -141,28 +141,35 @@ class SparseBankAdamW:
         order = torch.argsort(since)
         behind, since = behind[order], since[order]
         has_state = torch.tensor([int(i) in state.slot_of for i in behind.tolist()], dtype=torch.bool)
-        beta1, beta2 = self.betas
         dev_ids = behind.to(bank.device)
-        params = bank[dev_ids].float()
         if bool(has_state.any()):
-            # blocks without state have zero moments: their replay is weight decay only (below)
-            slots = torch.tensor(state.slots(behind.tolist()), dtype=torch.long, device=bank.device)
-            m, v = state.exp_avg[slots], state.exp_avg_sq[slots]
-            for step in range(int(since[0]) + 1, upto + 1):
-                n = int((since < step).sum())  # rows behind at this step: a prefix (sorted by `since`)
-                lr = self.lrs[step - 1]
-                params[:n].mul_(1 - lr * self.weight_decay)
-                m[:n].mul_(beta1)
-                v[:n].mul_(beta2)
-                denom = (v[:n].sqrt() / math.sqrt(1 - beta2 ** step)).add_(self.eps)
-                params[:n].addcdiv_(m[:n], denom, value=-lr / (1 - beta1 ** step))
-            state.exp_avg[slots], state.exp_avg_sq[slots] = m, v
+            # blocks without state get zero moments: their replay is weight decay only, as torch's would be.
+            # Each replayed step is torch's own fused AdamW with a zero gradient over the row views behind
+            # at that step (a prefix: sorted by `since`), their counters set to where each row stopped
+            node_list, slots = behind.tolist(), state.slots(behind.tolist())
+            if bank.dtype == torch.float32:
+                params, work = [bank[node] for node in node_list], None
+            else:  # a half bank: replay on a float32 copy, rounded back once
+                work = bank[dev_ids].float()
+                params = list(work.unbind(0))
+            slot_index = torch.tensor(slots, dtype=torch.long, device=state.steps.device)
+            state.steps[slot_index] = since.to(device=state.steps.device, dtype=torch.float32)
+            m = [state.exp_avg[slot] for slot in slots]
+            v = [state.exp_avg_sq[slot] for slot in slots]
+            steps = [state.steps[slot] for slot in slots]
+            zero = torch.zeros_like(state.exp_avg[0])
+            counts = torch.searchsorted(since, torch.arange(int(since[0]) + 1, upto + 1), right=False).tolist()
+            for step, n in zip(range(int(since[0]) + 1, upto + 1), counts):  # n: rows behind at this step
+                adamw(params[:n], [zero] * n, m[:n], v[:n], [], steps[:n], fused=True, amsgrad=False,
+                      beta1=self.betas[0], beta2=self.betas[1], lr=self.lrs[step - 1],
+                      weight_decay=self.weight_decay, eps=self.eps, maximize=False)
+            if work is not None:
+                bank[dev_ids] = work.to(bank.dtype)
         else:
-            decay = torch.ones(len(behind), dtype=params.dtype)
+            decay = torch.ones(len(behind), dtype=torch.float32)
             for step in range(int(since[0]) + 1, upto + 1):
                 decay[since < step] *= 1 - self.lrs[step - 1] * self.weight_decay
-            params.mul_(decay.to(params.device)[:, None])
-        bank[dev_ids] = params.to(bank.dtype)
+            bank[dev_ids] = (bank[dev_ids].float() * decay.to(bank.device)[:, None]).to(bank.dtype)
         current[behind] = upto
 
     @torch.no_grad()

@@ -6,8 +6,11 @@ measures the real path:
 - generic block: the same AdamW, in its own group with the bank's learning rate and weight decay;
 - bank blocks: `SparseBankAdamW` over the rows the batch fetched (see `hiermem.optim`);
 - global gradient-norm clipping over all three;
-- bf16 autocast when running on CUDA, fp32 on CPU, where the output head and the cross-entropy are
-  fused (`hiermem.kernels`; `model.fast = False` gives the plain path);
+- precision (`PRECISIONS`): "auto" is bf16 autocast on CUDA and fp32 on CPU, where the output head and
+  the cross-entropy are fused (`hiermem.kernels`; `model.fast = False` gives the plain path); "bf16"
+  is bf16 autocast on CPU too (mixed precision: float32 weights, moments and loss; attention and the
+  softmax in float32), where the CPU multiplies bfloat16 natively (`hiermem.kernels.cpu_bf16_native`;
+  elsewhere one log line and fp32); "fp32" is float32 everywhere;
 - on CUDA with triton installed, FFN memory rows are read in place by the memory's matmuls
   (`hiermem.gather_matmul`; `model.bank.gather_matmul = False` gathers them, same values).
 """
@@ -20,12 +23,33 @@ import math
 import torch
 import torch.nn.functional as F
 
-from hiermem.kernels import fused_next_token_loss
+from hiermem.kernels import cpu_bf16_native, fused_next_token_loss
 from hiermem.masks import loss_mask
 from hiermem.model import HierMemLM
 from hiermem.optim import SparseBankAdamW
 
 log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device, low_bank: bool = False) -> str:
+    """The precision a step really runs in, "fp32" or "bf16" (autocast), for the requested one.
+
+    auto: bf16 on CUDA and wherever the bank is stored in a half type, fp32 elsewhere. bf16 on a CPU
+    without native bfloat16 products falls back to fp32 with one log line (emulated bf16 is slower).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"invalid config field 'precision': expected one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32" and low_bank:
+        raise ValueError("invalid config field 'precision': expected auto or bf16 with a bank stored in "
+                         "bfloat16 (optim.bank_dtype), got 'fp32'")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" or low_bank else "fp32"
+    if precision == "bf16" and device.type == "cpu" and not cpu_bf16_native():
+        log.info("precision bf16: this CPU has no native bfloat16 products (AMX or AVX512-BF16); training in fp32")
+        return "fp32"
+    return precision
 
 
 def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, segment_ids: torch.Tensor | None,
@@ -63,7 +87,7 @@ class TrainStepper:
     def __init__(self, model: HierMemLM, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95),
                  eps: float = 1e-8, grad_clip: float | None = 1.0, bank_lr: float | None = None,
                  bank_weight_decay: float | None = None, freeze_anchor: bool = False,
-                 bank_semantics: str = "lazy"):
+                 bank_semantics: str = "lazy", precision: str = "auto"):
         self.model, self.grad_clip = model, grad_clip
         self.freeze_anchor = freeze_anchor
         bank_lr = lr if bank_lr is None else bank_lr
@@ -89,9 +113,10 @@ class TrainStepper:
         self.opt = (torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True if model.fast else None)
                     if groups else None)
         device = next(model.parameters()).device
-        # bf16 autocast on CUDA, and wherever the bank is stored in a half type (`MemoryBank.store_as`)
+        # bf16 autocast on CUDA, wherever the bank is stored in a half type (`MemoryBank.store_as`), or asked for
         low_bank = model.bank is not None and any(p.dtype != torch.float32 for p in model.bank.levels if p.numel())
-        self.autocast, self.device_type = device.type == "cuda" or low_bank, device.type
+        self.precision = resolve_precision(precision, device, low_bank)
+        self.autocast, self.device_type = self.precision == "bf16", device.type
         if model.bank is not None and device.type == "cuda" and model.bank.cfg.type == "ffn":
             # FFN memory rows read in place by the matmuls (`hiermem.gather_matmul`), where triton runs
             from hiermem.gather_matmul import kernel_available
@@ -107,9 +132,12 @@ class TrainStepper:
             self.bank_opt.lr = bank_lr
 
     def loss(self, tokens, segment_ids, paths=None, use_generic=None, active=None) -> torch.Tensor:
-        if self.model.fast and not self.autocast:  # fp32: head and cross-entropy fused (hiermem.kernels)
-            hidden = self.model.features(tokens, segment_ids, paths=paths, use_generic=use_generic, active=active)
-            return fused_next_token_loss(hidden, self.model.anchor.head_weight, tokens, segment_ids)
+        if self.model.fast and (self.device_type == "cpu" or not self.autocast):
+            # head and cross-entropy fused (hiermem.kernels); under bf16 its products in bf16, the loss in fp32
+            with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
+                hidden = self.model.features(tokens, segment_ids, paths=paths, use_generic=use_generic, active=active)
+            return fused_next_token_loss(hidden, self.model.anchor.head_weight, tokens, segment_ids,
+                                         low=torch.bfloat16 if self.autocast else None)
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
             logits = self.model(tokens, segment_ids, paths=paths, use_generic=use_generic, active=active)
         return next_token_loss(logits, tokens, segment_ids)

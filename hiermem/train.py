@@ -51,7 +51,7 @@ from hiermem.optim import SEMANTICS
 from hiermem.provenance import provenance
 from hiermem.rundir import RunDir
 from hiermem.state import has_state, load_state, save_state
-from hiermem.stepper import TrainStepper, cosine_lr
+from hiermem.stepper import PRECISIONS, TrainStepper, cosine_lr
 
 log = logging.getLogger(__name__)
 MIN_EXPECTED_UPDATES = 10  # a memory block expected to be updated fewer times is warned about
@@ -121,6 +121,9 @@ class TrainConfig(Config):
     # hiermem anchor; memory-frozen trains the bank (checkpoints: the bank files, the base referenced by
     # path and config hash), memory-cotrain the base too. Read data with its tokenizer (data.tokenizer).
     base_model: str = added_field("")
+    # auto: bf16 autocast on CUDA, fp32 on CPU; bf16: mixed precision on CPU too, where it multiplies bfloat16
+    # natively (AMX / AVX512-BF16; else fp32 and one log line); fp32: float32 everywhere (hiermem.stepper)
+    precision: str = added_field("auto")
 
     def __post_init__(self) -> None:
         # the bank has one block per tree node: its branching is the data tree's, set here once
@@ -152,6 +155,9 @@ class TrainConfig(Config):
                 "null (= 1/(k+1)) or a probability in [0, 1]", self.generic_prob)
         require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
                 "auto, cpu or cuda[:i]", self.device)
+        require(self.precision in PRECISIONS, "precision", f"one of {list(PRECISIONS)}", self.precision)
+        require(self.precision != "fp32" or self.optim.bank_dtype == "float32", "precision",
+                "auto or bf16 with optim.bank_dtype bfloat16 (a half bank needs bf16 autocast)", self.precision)
         require(self.checkpoint_every > 0 and self.log_every > 0, "checkpoint_every/log_every", "positive integers",
                 (self.checkpoint_every, self.log_every))
         if self.memory is not None and self.memory.enabled:
@@ -284,7 +290,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, data: DataBundle | None = None,
     peak_lr, final_lr = cfg.anchor_lr()
     stepper = TrainStepper(model, lr=peak_lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps,
                            grad_clip=o.grad_clip or None, bank_lr=o.bank_lr, bank_weight_decay=o.bank_weight_decay,
-                           freeze_anchor=cfg.stage == "memory-frozen", bank_semantics=o.bank_semantics)
+                           freeze_anchor=cfg.stage == "memory-frozen", bank_semantics=o.bank_semantics,
+                           precision=cfg.precision)
     sequences = data.sequences(cfg.resolved_packing)
     loader = SequenceLoader(sequences, batch_size=min(cfg.batch_size, len(sequences)), seed=cfg.seed)
     warmup = round(o.warmup_fraction * total_steps)
@@ -313,6 +320,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, data: DataBundle | None = None,
     else:
         cfg.save(run.config_path)
         atomic_write_json(run.provenance_path, {**provenance(), "accounting": acc.to_dict(), "total_steps": total_steps,
+                                                "precision": stepper.precision,
                                                 "stage": cfg.stage, "parent": parent.parent_record() if parent else None})
         run.metrics_path.unlink(missing_ok=True)
 
