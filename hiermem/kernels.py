@@ -115,6 +115,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
 
     low: run the three products in this half type (bf16 mixed precision); softmax and sums in float32.
     chunk: rows of logits at once (default `CHUNK_ROWS`, `LOW_CHUNK_ROWS` with half products)."""
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"fused_linear_cross_entropy: {hidden.shape[0]} hidden rows but targets of shape "
+                         f"{tuple(targets.shape)}")
     if hidden.shape[0] == 0:
         return (hidden.sum() + weight.sum()) * 0.0
     chunk = chunk or (CHUNK_ROWS if low is None else LOW_CHUNK_ROWS)

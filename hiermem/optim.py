@@ -206,7 +206,7 @@ class SparseBankAdamW:
             if self.semantics == "dense":  # the forward must read what dense AdamW would hold now
                 self._catch_up(level, torch.unique(nodes[:, level]), self.t)
             ids = torch.unique(nodes[read[:, level], level])
-            rows = self.bank.levels[level].detach()[ids].clone().requires_grad_(True)
+            rows = self.bank.levels[level].detach().index_select(0, ids).requires_grad_(True)  # a copy
             active[level] = ActiveRows(ids=ids, rows=rows)
         return active
 

@@ -53,3 +53,29 @@ def saved_hf_base(folder, config, vocab: int, seq_len: int, seed: int = 0):
     torch.manual_seed(seed)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return folder
+
+
+def small_memory_model(kind: str, seed: int = 0):
+    """A 2-layer model with a memory of `kind` on a 3-ary tree of depth 2 and a generic block, the bank
+    filled with N(0, 0.1) so the memory changes the outputs and gets gradients everywhere; and a
+    `packed_batch` for it. Shared by the fast-path and precision tests."""
+    from hiermem.config import MemoryConfig, ModelConfig
+    from hiermem.model import HierMemLM
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, head_dim=16, ffn_dim=64, vocab_size=97, max_seq_len=24)
+    units = {"ffn": (3, 2), "lora-ffn": (2, 1), "lora-qk": (2, 2), "lora-vo": (2, 2), "kv": (4, 2)}[kind]
+    torch.manual_seed(seed)
+    model = HierMemLM(cfg, MemoryConfig(type=kind, multipliers=units, branching=3, generic=True))
+    with torch.no_grad():
+        for p in list(model.bank.levels) + list(model.bank.generic):
+            p.normal_(0, 0.1)
+    return model
+
+
+def packed_batch(vocab_size: int = 97, seed: int = 0, batch: int = 6, t: int = 24):
+    """tokens, segment ids (several documents per row, padding at the end of row 0) and 2-level paths."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, (batch, t), generator=g)
+    segments = torch.cumsum((torch.rand(batch, t, generator=g) < 0.15).long(), dim=1)
+    segments[0, -5:] = -1  # padding at the end of a row
+    paths = torch.randint(0, 3, (batch, 2), generator=g)
+    return tokens, segments, paths

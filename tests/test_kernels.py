@@ -11,32 +11,21 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import packed_batch, small_memory_model
 
-from hiermem.config import MemoryConfig, ModelConfig
 from hiermem.kernels import fused_linear_cross_entropy, fused_next_token_loss, keep_freed_memory, rotate_pairs
 from hiermem.memory_kinds import MEMORY_KINDS
-from hiermem.model import HierMemLM
 from hiermem.stepper import TrainStepper, next_token_loss
 
-CFG = ModelConfig(d_model=32, n_layers=2, n_heads=2, head_dim=16, ffn_dim=64, vocab_size=97, max_seq_len=24)
-UNITS = {"ffn": (3, 2), "lora-ffn": (2, 1), "lora-qk": (2, 2), "lora-vo": (2, 2), "kv": (4, 2)}
+UNITS = ("ffn", "lora-ffn", "lora-qk", "lora-vo", "kv")
 
 
-def _batch(seed: int = 0, batch: int = 6, t: int = 24):
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, CFG.vocab_size, (batch, t), generator=g)
-    segments = torch.cumsum((torch.rand(batch, t, generator=g) < 0.15).long(), dim=1)
-    segments[0, -5:] = -1  # padding at the end of a row
-    paths = torch.randint(0, 3, (batch, 2), generator=g)
-    return tokens, segments, paths
+def _batch(seed: int = 0):
+    return packed_batch(seed=seed)
 
 
 def _pair(kind: str):
-    torch.manual_seed(0)
-    plain = HierMemLM(CFG, MemoryConfig(type=kind, multipliers=UNITS[kind], branching=3, generic=True))
-    with torch.no_grad():  # non-zero memory, so that it changes the outputs and gets gradients everywhere
-        for p in list(plain.bank.levels) + list(plain.bank.generic):
-            p.normal_(0, 0.1)
+    plain = small_memory_model(kind)
     fast = copy.deepcopy(plain)
     plain.fast, fast.fast = False, True
     return plain, fast
@@ -58,6 +47,8 @@ def test_fused_cross_entropy_equals_a_float64_reference():
     assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
     torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="37 hidden rows but targets of shape"):  # a row/target mismatch
+        fused_linear_cross_entropy(hidden, weight, targets[:-1])
 
 
 def test_fused_next_token_loss_counts_the_same_targets_as_the_plain_loss():

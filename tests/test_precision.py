@@ -12,34 +12,23 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import packed_batch, small_memory_model
 
 from hiermem import stepper as stepper_module
-from hiermem.config import MemoryConfig, ModelConfig
+from hiermem.config import MemoryConfig
 from hiermem.kernels import attention, fused_linear_cross_entropy
 from hiermem.memory_kinds import MEMORY_KINDS
 from hiermem.model import HierMemLM
 from hiermem.stepper import TrainStepper, resolve_precision
 
-CFG = ModelConfig(d_model=32, n_layers=2, n_heads=2, head_dim=16, ffn_dim=64, vocab_size=97, max_seq_len=24)
-UNITS = {"ffn": (3, 2), "lora-ffn": (2, 1), "lora-qk": (2, 2), "lora-vo": (2, 2), "kv": (4, 2)}
 
 
-def _batch(seed: int = 0, batch: int = 6, t: int = 24):
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, CFG.vocab_size, (batch, t), generator=g)
-    segments = torch.cumsum((torch.rand(batch, t, generator=g) < 0.15).long(), dim=1)
-    segments[0, -5:] = -1  # padding at the end of a row
-    paths = torch.randint(0, 3, (batch, 2), generator=g)
-    return tokens, segments, paths
+def _batch(seed: int = 0):
+    return packed_batch(seed=seed)
 
 
 def _model(kind: str) -> HierMemLM:
-    torch.manual_seed(0)
-    model = HierMemLM(CFG, MemoryConfig(type=kind, multipliers=UNITS[kind], branching=3, generic=True))
-    with torch.no_grad():  # non-zero memory, so that it changes the outputs and gets gradients everywhere
-        for p in list(model.bank.levels) + list(model.bank.generic):
-            p.normal_(0, 0.1)
-    return model
+    return small_memory_model(kind)
 
 
 def _grads(stepper: TrainStepper, batch) -> tuple[float, dict[str, torch.Tensor]]:
@@ -184,3 +173,20 @@ def test_bf16_training_run_records_its_precision_and_resumes_exactly(smoke_data_
     monkeypatch.setattr(stepper_module, "cpu_bf16_native", lambda: False)
     fallback = train(cfg, tmp_path / "fallback", progress=False)
     assert json.loads((fallback / "provenance.json").read_text())["precision"] == "fp32"
+
+
+def test_demo_precision_reaches_every_run(tmp_path, monkeypatch):
+    """Bug caught: `hiermem demo --precision bf16` (or `precision:` in a recipe) not reaching the
+    runs' TrainConfigs, so the main job trains in float32 while saying bf16."""
+    from hiermem import demo as demo_module
+    from hiermem.cli import build_parser
+    seen = {}
+    monkeypatch.setattr(demo_module, "run_demo", lambda cfg, *args, **kwargs: seen.setdefault("cfg", cfg))
+    args = build_parser("demo").parse_args(["demo", "--scale", "smoke", "--precision", "bf16", "--quiet"])
+    args.func(args)
+    runs = demo_module.demo_runs(seen["cfg"], tmp_path, vocab_size=512)
+    assert set(runs) == set(demo_module.RUNS) and all(r.precision == "bf16" for r in runs.values())
+    path = tmp_path / "recipe.yaml"
+    path.write_text("scale: smoke\nprecision: bf16\n")
+    assert all(r.precision == "bf16" for r in demo_module.demo_runs(demo_module.DemoConfig.load(path), tmp_path, 512).values())
+    assert all(r.precision == "auto" for r in demo_module.demo_runs(demo_module.SCALES["smoke"], tmp_path, 512).values())
