@@ -165,14 +165,14 @@ class _GatherRowsLow(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table: torch.Tensor, pos: torch.Tensor, low: torch.dtype):
         ctx.save_for_backward(pos)
-        ctx.shape = table.shape
+        ctx.shape, ctx.dtype = table.shape, table.dtype
         return table.to(low).index_select(0, pos)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (pos,) = ctx.saved_tensors
         out = grad.new_zeros(ctx.shape, dtype=torch.float32)
-        return out.index_add_(0, pos, grad.float()), None, None
+        return out.index_add_(0, pos, grad.float()).to(ctx.dtype), None, None  # summed in float32
 
 
 def gather_rows_low(table: torch.Tensor, pos: torch.Tensor, low: torch.dtype) -> torch.Tensor:

@@ -16,7 +16,7 @@ from helpers import packed_batch, small_memory_model
 
 from hiermem import stepper as stepper_module
 from hiermem.config import MemoryConfig
-from hiermem.kernels import attention, fused_linear_cross_entropy
+from hiermem.kernels import attention, fused_linear_cross_entropy, gather_rows_low
 from hiermem.memory_kinds import MEMORY_KINDS
 from hiermem.model import HierMemLM
 from hiermem.stepper import TrainStepper, resolve_precision
@@ -65,6 +65,25 @@ def test_fused_cross_entropy_with_bf16_products_equals_a_reference_on_rounded_pr
     torch.testing.assert_close(hidden.grad.double(), want_h, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(weight.grad.double(), want_w, rtol=2e-2, atol=5e-2)
     assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
+
+
+def test_gathered_rows_in_bf16_sum_their_gradients_in_float32():
+    """Bug caught: the touched blocks' gradients summed in bfloat16 (torch's own index_select backward
+    on a bf16 copy rounds after every addition: 64 sequences sharing a block lose ~2 digits), rows
+    gathered from the wrong positions, or a gradient in another dtype than the table's.
+    Reference: the gather and the sum in float64."""
+    g = torch.Generator().manual_seed(4)
+    table = torch.randn(5, 7, generator=g, requires_grad=True)
+    pos = torch.cat([torch.zeros(64, dtype=torch.long), torch.tensor([3, 1, 3])])  # 64 sequences on block 0
+    rows = gather_rows_low(table, pos, torch.bfloat16)
+    assert rows.dtype == torch.bfloat16 and torch.equal(rows, table.detach().bfloat16()[pos])
+    upstream = (1 + torch.rand(len(pos), 7, generator=g)).bfloat16()
+    rows.backward(upstream)
+    want = torch.zeros(5, 7, dtype=torch.float64).index_add_(0, pos, upstream.double())
+    assert table.grad.dtype == torch.float32
+    torch.testing.assert_close(table.grad.double(), want, rtol=1e-6, atol=1e-6)
+    in_bf16 = torch.zeros(5, 7, dtype=torch.bfloat16).index_add_(0, pos, upstream)  # what the bug would give
+    assert not torch.allclose(in_bf16.double(), want, rtol=1e-6, atol=1e-6)
 
 
 def test_attention_runs_in_float32_under_cpu_autocast_only():
