@@ -100,6 +100,15 @@ def _grow(t: torch.Tensor, capacity: int) -> torch.Tensor:
 SEMANTICS = ("lazy", "dense")
 
 
+def _float32_rows(bank: torch.Tensor, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The rows `ids` of a level as float32 tensors for torch's fused AdamW: views of a float32 bank
+    (updated in place), or of a float32 copy of a half bank, returned second to be rounded back after."""
+    if bank.dtype == torch.float32:
+        return [bank[node] for node in ids.tolist()], None
+    work = bank[ids].float()
+    return list(work.unbind(0)), work
+
+
 class SparseBankAdamW:
     """AdamW over the blocks of a `MemoryBank`, touching only the fetched rows."""
 
@@ -146,12 +155,8 @@ class SparseBankAdamW:
             # blocks without state get zero moments: their replay is weight decay only, as torch's would be.
             # Each replayed step is torch's own fused AdamW with a zero gradient over the row views behind
             # at that step (a prefix: sorted by `since`), their counters set to where each row stopped
-            node_list, slots = behind.tolist(), state.slots(behind.tolist())
-            if bank.dtype == torch.float32:
-                params, work = [bank[node] for node in node_list], None
-            else:  # a half bank: replay on a float32 copy, rounded back once
-                work = bank[dev_ids].float()
-                params = list(work.unbind(0))
+            slots = state.slots(behind.tolist())
+            params, work = _float32_rows(bank, dev_ids)
             slot_index = torch.tensor(slots, dtype=torch.long, device=state.steps.device)
             state.steps[slot_index] = since.to(device=state.steps.device, dtype=torch.float32)
             m = [state.exp_avg[slot] for slot in slots]
@@ -237,12 +242,10 @@ class SparseBankAdamW:
                 # their step counter is the global one
                 state.steps[torch.tensor(slots, dtype=torch.long, device=state.steps.device)] = float(self.t - 1)
                 self.current[level][rows.ids.detach().cpu()] = self.t
-            if bank.dtype != torch.float32:  # e.g. bfloat16: update a float32 copy, round it back after
-                work = bank[rows.ids].float()
+            targets, work = _float32_rows(bank, rows.ids)
+            if work is not None:
                 write_back.append((bank, rows.ids, work))
-                targets, grad = list(work.unbind(0)), grad.float()
-            else:
-                targets = [bank[node] for node in ids]
+                grad = grad.float()
             for j, (target, slot) in enumerate(zip(targets, slots)):
                 params.append(target)
                 grads.append(grad[j])
