@@ -8,6 +8,8 @@ from hiermem.optim import SparseBankAdamW
 
 CFG = ModelConfig(d_model=16, n_layers=2, n_heads=2, head_dim=8, ffn_dim=32, vocab_size=53, max_seq_len=16)
 MEM = MemoryConfig(type="ffn", multipliers=(2, 1), branching=3)
+# 8 steps' paths for the dense-semantics tests: blocks visited irregularly, some never (node 2 / leaves 6..8)
+SCHEDULE = [[[0, 0]], [[1, 2]], [[0, 1], [0, 1]], [[1, 2]], [[0, 0]], [[1, 0]], [[0, 0]], [[1, 2]]]
 
 
 def _setup(seed=0):
@@ -120,9 +122,7 @@ def test_dense_semantics_equal_torch_adamw_over_the_whole_bank_step_for_step():
     opt = SparseBankAdamW(model.bank, lr=1e-2, weight_decay=0.1, semantics="dense")
     torch_opt = torch.optim.AdamW(reference, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     g = torch.Generator().manual_seed(1)
-    # 8 steps of a decaying schedule; paths visit blocks irregularly, some never (node 2 / leaves 6..8)
-    schedule = [[[0, 0]], [[1, 2]], [[0, 1], [0, 1]], [[1, 2]], [[0, 0]], [[1, 0]], [[0, 0]], [[1, 2]]]
-    for step, rows in enumerate(schedule):
+    for step, rows in enumerate(SCHEDULE):
         lr = 1e-2 * (0.8 ** step)
         paths = torch.tensor(rows)
         tokens = torch.randint(0, CFG.vocab_size, (len(rows), 8), generator=g)
@@ -147,7 +147,7 @@ def test_dense_semantics_equal_torch_adamw_over_the_whole_bank_step_for_step():
     lazy_model = _setup()
     lazy = SparseBankAdamW(lazy_model.bank, lr=1e-2, weight_decay=0.1, semantics="lazy")
     g = torch.Generator().manual_seed(1)
-    for step, rows in enumerate(schedule):
+    for step, rows in enumerate(SCHEDULE):
         paths = torch.tensor(rows)
         tokens = torch.randint(0, CFG.vocab_size, (len(rows), 8), generator=g)
         active = lazy.gather(paths)
@@ -220,7 +220,6 @@ def test_dense_replay_of_a_bfloat16_bank_follows_the_float32_bank():
     replayed rows advanced on the wrong step counters: the skipped blocks would stay where they were.
     Reference: the same schedule with a float32 bank, which the bf16 bank follows within its rounding
     (the distance between the two, per block, against what the block moved)."""
-    schedule = [[[0, 0]], [[1, 2]], [[0, 1], [0, 1]], [[1, 2]], [[0, 0]], [[1, 0]], [[0, 0]], [[1, 2]]]
     banks, start = {}, None
     for dtype in (torch.float32, torch.bfloat16):
         model = _setup()
@@ -231,7 +230,7 @@ def test_dense_replay_of_a_bfloat16_bank_follows_the_float32_bank():
         model.bank.store_as(dtype)
         opt = SparseBankAdamW(model.bank, lr=1e-2, weight_decay=0.1, semantics="dense")
         g = torch.Generator().manual_seed(1)
-        for step, rows in enumerate(schedule):
+        for step, rows in enumerate(SCHEDULE):
             paths = torch.tensor(rows)
             tokens = torch.randint(0, CFG.vocab_size, (len(rows), 8), generator=g)
             active = opt.gather(paths)
